@@ -1,0 +1,78 @@
+"""Parameter-space diagnostics of fine-tuning updates: pure functions on torch tensors (no I/O, any device).
+
+W_0 is the origin matrix (m×n, torch layout [out, in]), W_t a checkpoint's, ΔW_t = W_t − W_0. Scalar functions
+return 0-d tensors and accept batches (leading dimensions broadcast); SVDs run in float64. Definitions follow
+the OPD paper (arXiv 2606.07082 v3, App. C.3) and PNT (arXiv 2511.08567).
+
+Update support (``support``)
+    update_mask(w0, wt, eta=1e-3)
+        M_upd = {(i,j): bf16(W_t)_ij ≉_η bf16(W_0)_ij}; unchanged iff |ŵ − w| ≤ η·max(|w|, |ŵ|). For η < 2⁻⁸
+        (the default) this is exact bf16 equality (±0 equal); NaN/inf compared explicitly.
+    unchanged_fraction(w0, wt, eta=1e-3)
+        sp_bf16 = 1 − |M_upd| / (m·n).
+
+Masks (``masks``)
+    principal_mask(w0, rank=64, alpha=0.5)
+        top-⌈α·m·n⌉ entries of |U_r Σ_r V_rᵀ| (rank-r reconstruction of W_0).
+    lowmag_mask(w0, alpha=0.5)
+        bottom-⌈α·m·n⌉ entries of |W_0|.
+    mask_overlap(mask, update)
+        |M ∩ M_upd| / |M_upd|; the random baseline is α.
+
+Endpoint spectra (``spectral``)
+    principal_angles(w0, wt, k=512)
+        degrees between top-k left (U) and right (V) singular subspaces of W_0 and W_t, k ≤ min(m, n);
+        cos θ_i = σ_i(U_{0,k}ᵀ U_{t,k}), small angles from the sines of (I − U_0U_0ᵀ)U_t.
+    spectral_shift(s0, st)
+        ‖σ(W_t) − σ(W_0)‖₂ / ‖σ(W_0)‖₂ over full spectra.
+
+Trajectory of ΔW_t (``trajectory``)
+    update_fro(dw)          ‖ΔW‖_F.
+    stable_rank(s)          ‖ΔW‖_F² / σ_1(ΔW)².
+    hill_alpha(s, k=10)     [ (1/(k−1)) Σ_{i<k} log(σ_i/σ_k) ]⁻¹ over the top-k singular values.
+    sim_k(va, vb)           ‖V_aᵀ V_b‖_F² / K for top-K right singular bases, K = 16.
+
+One matrix, everything (``matrix``)
+    matrix_diagnostics(w0, wt, settings=Settings(), origin=None) -> MatrixDiagnostics
+        all of the above, exactly; ``origin_factors(w0)`` is the per-run W_0 work to reuse.
+
+Linear algebra (``linalg``)
+    svd64(w, k=None), subspace_angles(a, b), top_right_singular_vectors(w, k).
+"""
+
+from .linalg import Factors, subspace_angles, svd64, top_right_singular_vectors
+from .masks import MASK_ALPHA, MASK_RANK, fraction_mask, lowmag_mask, mask_overlap, principal_mask
+from .matrix import MatrixDiagnostics, OriginFactors, Settings, matrix_diagnostics, origin_factors
+from .spectral import ANGLE_K, principal_angles, spectral_shift
+from .support import ETA, unchanged_fraction, update_mask
+from .trajectory import HILL_K, LOCK_K, hill_alpha, sim_k, stable_rank, update_fro
+
+__all__ = [
+    "ANGLE_K",
+    "ETA",
+    "HILL_K",
+    "LOCK_K",
+    "MASK_ALPHA",
+    "MASK_RANK",
+    "Factors",
+    "MatrixDiagnostics",
+    "OriginFactors",
+    "Settings",
+    "fraction_mask",
+    "hill_alpha",
+    "lowmag_mask",
+    "mask_overlap",
+    "matrix_diagnostics",
+    "origin_factors",
+    "principal_angles",
+    "principal_mask",
+    "sim_k",
+    "spectral_shift",
+    "stable_rank",
+    "subspace_angles",
+    "svd64",
+    "top_right_singular_vectors",
+    "unchanged_fraction",
+    "update_fro",
+    "update_mask",
+]

@@ -1,0 +1,57 @@
+"""Principal and low-magnitude masks of W_0 and their overlap with the visible update (OPD §3.1, PNT §4.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .linalg import Factors, svd64
+
+__all__ = ["MASK_RANK", "MASK_ALPHA", "fraction_mask", "principal_mask", "lowmag_mask", "mask_overlap"]
+
+MASK_RANK = 64
+"""Default rank r of the reconstruction W_0^(r) that ranks principal weights (OPD App. C.3)."""
+MASK_ALPHA = 0.5
+"""Default mask fraction α (OPD App. C.3; the paper's Fig. 3 implies 0.3, also a good choice)."""
+
+
+def fraction_mask(scores: torch.Tensor, alpha: float, largest: bool = True) -> torch.Tensor:
+    """Boolean mask of the k = ⌈α·m·n⌉ entries of each m×n matrix with the largest (or smallest) score.
+
+    Exactly k entries are selected per matrix (``topk`` over the flattened matrix); ties at the threshold are
+    broken arbitrarily.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    numel = scores.shape[-2] * scores.shape[-1]
+    k = math.ceil(round(alpha * numel, 6))
+    flat = scores.flatten(-2)
+    idx = flat.topk(k, dim=-1, largest=largest, sorted=False).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.view(scores.shape)
+
+
+def principal_mask(
+    w0: torch.Tensor, rank: int = MASK_RANK, alpha: float = MASK_ALPHA, factors: Factors | None = None
+) -> torch.Tensor:
+    """M_princ: the top-α entries of |W_0^(r)|, W_0^(r) = U_r Σ_r V_rᵀ the rank-r SVD reconstruction of W_0.
+
+    r is capped at min(m, n). Pass ``factors`` (from :func:`svd64` of ``w0``, with at least r vectors) to reuse an
+    SVD already computed.
+    """
+    f = factors if factors is not None else svd64(w0, rank)
+    r = min(rank, f.u.shape[-1])
+    scores = (f.u[..., :r] * f.s[..., None, :r]) @ f.vh[..., :r, :]
+    return fraction_mask(scores.abs(), alpha, largest=True)
+
+
+def lowmag_mask(w0: torch.Tensor, alpha: float = MASK_ALPHA) -> torch.Tensor:
+    """M_low: the bottom-α entries of |W_0|."""
+    return fraction_mask(w0.abs(), alpha, largest=False)
+
+
+def mask_overlap(mask: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Overlap(M, M_upd) = |M ∩ M_upd| / |M_upd| per matrix (random baseline: α). NaN when nothing changed."""
+    inter = (mask & update).sum(dim=(-2, -1), dtype=torch.int64).to(torch.float64)
+    return inter / update.sum(dim=(-2, -1), dtype=torch.int64).to(torch.float64)

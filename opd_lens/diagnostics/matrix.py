@@ -1,0 +1,111 @@
+"""Every diagnostic of one weight matrix at one checkpoint, computed exactly in float64."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .linalg import Factors, svd64
+from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, mask_overlap, principal_mask
+from .spectral import ANGLE_K, principal_angles, spectral_shift
+from .support import ETA, update_mask
+from .trajectory import HILL_K, LOCK_K, hill_alpha, stable_rank, update_fro
+
+__all__ = ["Settings", "OriginFactors", "MatrixDiagnostics", "origin_factors", "matrix_diagnostics"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The hyper-parameters of the diagnostics (recorded with every result)."""
+
+    eta: float = ETA
+    mask_rank: int = MASK_RANK
+    mask_alpha: float = MASK_ALPHA
+    angle_k: int = ANGLE_K
+    lock_k: int = LOCK_K
+    hill_k: int = HILL_K
+
+    def asdict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OriginFactors:
+    """What the diagnostics need from W_0, computed once per matrix and reused for every checkpoint."""
+
+    factors: Factors
+    """SVD of W_0 (float64) with max(angle_k, mask_rank) singular vectors and the full spectrum."""
+    principal_mask: torch.Tensor
+    lowmag_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MatrixDiagnostics:
+    """The diagnostics of one (W_0, W_t) pair; names match the variables of the opd_lens Dataset."""
+
+    unchanged_frac: float
+    update_fro: float
+    stable_rank: float
+    hill_alpha: float
+    principal_overlap: float
+    lowmag_overlap: float
+    max_angle_u: float
+    max_angle_v: float
+    spectral_shift: float
+    angles_u: torch.Tensor
+    """Principal angles (degrees, ascending) of the left singular subspaces; empty when not computed."""
+    angles_v: torch.Tensor
+    lock_basis: torch.Tensor
+    """V_K(t), the top-K right singular vectors of ΔW_t (n×K), to compare with another step by ``sim_k``."""
+
+
+def origin_factors(w0: torch.Tensor, settings: Settings = Settings()) -> OriginFactors:
+    """SVD and masks of W_0: the once-per-run work shared by every checkpoint of that run."""
+    factors = svd64(w0, max(settings.angle_k, settings.mask_rank))
+    return OriginFactors(
+        factors=factors,
+        principal_mask=principal_mask(w0, settings.mask_rank, settings.mask_alpha, factors),
+        lowmag_mask=lowmag_mask(w0, settings.mask_alpha),
+    )
+
+
+def matrix_diagnostics(
+    w0: torch.Tensor,
+    wt: torch.Tensor,
+    settings: Settings = Settings(),
+    origin: OriginFactors | None = None,
+    endpoint: bool = True,
+) -> MatrixDiagnostics:
+    """All diagnostics of W_t against W_0 for one m×n matrix, exactly (full float64 SVDs).
+
+    ``origin`` reuses :func:`origin_factors` of ``w0``; ``endpoint=False`` skips the SVD of W_t, leaving the
+    angles and the spectral shift NaN.
+    """
+    if w0.shape != wt.shape or w0.ndim != 2:
+        raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
+    o = origin if origin is not None else origin_factors(w0, settings)
+    upd = update_mask(w0, wt, settings.eta)
+    dw = wt.to(torch.float64) - w0.to(torch.float64)
+    fd = svd64(dw, settings.lock_k)
+    nan = float("nan")
+    angles_u = angles_v = torch.empty(0, dtype=torch.float64, device=w0.device)
+    shift = nan
+    if endpoint:
+        ft = svd64(wt, settings.angle_k)
+        angles_u, angles_v = principal_angles(w0, wt, settings.angle_k, o.factors, ft)
+        shift = float(spectral_shift(o.factors.s, ft.s))
+    return MatrixDiagnostics(
+        unchanged_frac=1.0 - float(upd.sum()) / upd.numel(),
+        update_fro=float(update_fro(dw)),
+        stable_rank=float(stable_rank(fd.s)),
+        hill_alpha=float(hill_alpha(fd.s, settings.hill_k)),
+        principal_overlap=float(mask_overlap(o.principal_mask, upd)),
+        lowmag_overlap=float(mask_overlap(o.lowmag_mask, upd)),
+        max_angle_u=float(angles_u.max()) if angles_u.numel() else nan,
+        max_angle_v=float(angles_v.max()) if angles_v.numel() else nan,
+        spectral_shift=shift,
+        angles_u=angles_u,
+        angles_v=angles_v,
+        lock_basis=fd.vh.mT,
+    )

@@ -1,0 +1,55 @@
+"""Trajectory diagnostics of the cumulative update ΔW_t = W_t − W_0 (OPD §4, App. E)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["HILL_K", "LOCK_K", "update_fro", "stable_rank", "hill_alpha", "sim_k"]
+
+HILL_K = 10
+"""Default number k of top singular values in the Hill estimate (the paper leaves k open; third parties use 10)."""
+LOCK_K = 16
+"""Default dimension K of the right singular subspace compared by Sim_K (OPD §4.2)."""
+
+
+def update_fro(dw: torch.Tensor) -> torch.Tensor:
+    """‖ΔW‖_F = (Σ_ij ΔW_ij²)^½, accumulated in float64."""
+    return torch.linalg.matrix_norm(dw.to(torch.float64), ord="fro")
+
+
+def stable_rank(s: torch.Tensor, fro: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Stable rank ‖ΔW‖_F² / ‖ΔW‖₂² from the descending singular values ``s`` of ΔW.
+
+    With the full spectrum, ‖ΔW‖_F² = Σ σ_i²; pass ``fro`` when ``s`` is truncated. NaN for a zero update.
+    """
+    s = s.to(torch.float64)
+    fro2 = (s * s).sum(-1) if fro is None else torch.as_tensor(fro, dtype=torch.float64, device=s.device) ** 2
+    return fro2 / s[..., 0] ** 2
+
+
+def hill_alpha(s: torch.Tensor, k: int = HILL_K) -> torch.Tensor:
+    """Hill tail index α̂ = [ (1/(k−1)) Σ_{i<k} log(σ_i/σ_k) ]⁻¹ over the top-k singular values σ_1 ≥ … ≥ σ_k.
+
+    k is capped at the number of singular values (and must be ≥ 2). NaN when σ_k is numerically zero
+    (σ_k ≤ σ_1·len(s)·ε, i.e. the update has rank < k and has no tail to estimate); +inf when σ_1 = σ_k.
+    """
+    if k < 2:
+        raise ValueError(f"hill k must be >= 2, got {k}")
+    s = s.to(torch.float64)
+    k = min(k, s.shape[-1])
+    top, sk = s[..., : k - 1], s[..., k - 1 : k]
+    mean_log = torch.log(top / sk).sum(-1) / (k - 1)
+    alpha = 1.0 / mean_log
+    tiny = sk[..., 0] <= s[..., 0] * s.shape[-1] * torch.finfo(s.dtype).eps
+    return torch.where(tiny, torch.full_like(alpha, float("nan")), alpha)
+
+
+def sim_k(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    """Sim_K(V_a, V_b) = ‖V_aᵀ V_b‖_F² / K for orthonormal n×K bases: the mean cos² of their principal angles.
+
+    In [0, 1]; 1 means the same K-dimensional subspace. Symmetric in its arguments.
+    """
+    if va.shape != vb.shape:
+        raise ValueError(f"bases must have the same shape, got {tuple(va.shape)} and {tuple(vb.shape)}")
+    m = va.to(torch.float64).mT @ vb.to(torch.float64)
+    return (m * m).sum(dim=(-2, -1)) / va.shape[-1]
