@@ -6,6 +6,16 @@ Read checkpoint series (:mod:`opd_lens.checkpoints`) and compute per-matrix diag
 
 __version__ = "0.1.0"
 
-from . import diagnostics
+from . import checkpoints, diagnostics
+from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
+from .errors import OpdLensError
 
-__all__ = ["diagnostics", "__version__"]
+__all__ = [
+    "Checkpoint",
+    "OpdLensError",
+    "__version__",
+    "checkpoints",
+    "diagnostics",
+    "find_checkpoints",
+    "open_checkpoint",
+]

@@ -1,0 +1,286 @@
+"""Lazy, validated access to one checkpoint's safetensors weights, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ShapeMismatchError,
+    UnsupportedTensorError,
+)
+from .names import MatrixPlan, MatrixRef, plan_matrices
+
+__all__ = [
+    "Checkpoint",
+    "TensorInfo",
+    "open_checkpoint",
+    "matched_matrices",
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "READABLE_DTYPES",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+READABLE_DTYPES = ("BF16", "F16", "F32", "F64")
+"""safetensors dtypes the diagnostics accept; quantized weights (I8, F8_*) are refused with a clear error."""
+_MAX_HEADER = 100 * 2**20
+_DTYPE_BYTES = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I8": 1,
+    "U8": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A stored tensor's file, dtype (safetensors name, e.g. ``"BF16"``) and shape, read from the header."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """One model checkpoint on disk: a directory with ``model.safetensors`` or shards and their index.
+
+    Construct with :func:`open_checkpoint` (which validates every header against the file sizes and the index);
+    tensors are read lazily, one at a time, through ``safetensors.safe_open``.
+    """
+
+    path: Path
+    step: int | None
+    tensors: Mapping[str, TensorInfo]
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(step={self.step}, path='{self.path}', tensors={len(self.tensors)})"
+
+    @cached_property
+    def config(self) -> dict:
+        """The model's ``config.json`` beside the weights (empty if absent or unreadable)."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def plan(self, include_globals: bool = False) -> MatrixPlan:
+        """The analysed matrices of this checkpoint (see :mod:`opd_lens.checkpoints.names`)."""
+        try:
+            return plan_matrices({k: v.shape for k, v in self.tensors.items()}, self.config, include_globals)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{self.path}: {e}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole stored tensor ``name``, in its stored dtype, on the CPU."""
+        return self._get(name, lambda sl: sl[:])
+
+    def read_matrix(self, ref: MatrixRef) -> torch.Tensor:
+        """The (out, in) matrix ``ref`` in its stored dtype, reading only its expert slice and rows."""
+        info = self._info(ref.tensor)
+        if info.dtype not in READABLE_DTYPES:
+            raise UnsupportedTensorError(
+                f"{info.file}: tensor {ref.tensor!r} is {info.dtype}; opd_lens analyses "
+                f"{'/'.join(READABLE_DTYPES)} weights only (dequantize the checkpoint first)"
+            )
+        lead = () if ref.expert is None else (ref.expert,)
+        rows = slice(None) if ref.rows is None else slice(*ref.rows)
+
+        def cut(sl):
+            if ref.transpose:
+                return sl[(*lead, slice(None), rows)].mT
+            return sl[(*lead, rows)]
+
+        m = self._get(ref.tensor, cut)
+        if tuple(m.shape) != ref.shape:
+            raise CorruptCheckpointError(
+                f"{info.file}: tensor {ref.tensor!r} gave shape {tuple(m.shape)} for {ref.module}, expected {ref.shape}"
+            )
+        return m.contiguous()
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def _get(self, name: str, cut):
+        info = self._info(name)
+        try:
+            with safe_open(info.file, framework="pt") as f:
+                return cut(f.get_slice(name))
+        except (OSError, RuntimeError, ValueError, TypeError) as e:
+            raise CorruptCheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
+
+
+def open_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """Open and validate the checkpoint whose weights are in directory ``path``.
+
+    Reads ``model.safetensors.index.json`` when present (every listed shard must exist and hold exactly the tensors
+    the index assigns to it), otherwise every ``*.safetensors`` file in the directory. Each file's header must
+    parse and match the file's size (a file still being written fails this). The step defaults to
+    ``global_step`` in ``trainer_state.json``, if any. Raises :class:`CheckpointNotFoundError` or
+    :class:`CorruptCheckpointError` naming the file at fault.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise CheckpointNotFoundError(f"{path}: checkpoint directory {what}")
+    index = path / INDEX_NAME
+    if index.is_file():
+        tensors = _read_sharded(index)
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointNotFoundError(f"{path}: no safetensors weights ({_what_is_here(path)})")
+        tensors = {}
+        for file in files:
+            for name, info in _read_header(file).items():
+                if name in tensors:
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor {name!r} is stored twice, in {tensors[name].file.name} and {file.name}"
+                    )
+                tensors[name] = info
+    if step is None:
+        step = read_trainer_step(path)
+    return Checkpoint(path=path, step=step, tensors=tensors)
+
+
+def matched_matrices(origin: Checkpoint, checkpoint: Checkpoint, include_globals: bool = False) -> list[MatrixRef]:
+    """The analysed matrices of ``checkpoint``, checked against ``origin``: the same (layer, module) keys with the
+    same shapes, else :class:`CheckpointError` / :class:`ShapeMismatchError` naming both files and the tensor."""
+    ref0 = origin.plan(include_globals).by_key()
+    reft = checkpoint.plan(include_globals).by_key()
+    for keys, here, there in (
+        (ref0.keys() - reft.keys(), origin, checkpoint),
+        (reft.keys() - ref0.keys(), checkpoint, origin),
+    ):
+        if keys:
+            layer, module = min(keys)
+            name = (ref0 if here is origin else reft)[layer, module].tensor
+            raise CheckpointError(
+                f"{there.path}: has no matrix for tensor {name!r} (layer {layer}, {module}) found in {here.path}"
+            )
+    for key, r in reft.items():
+        if r.shape != ref0[key].shape:
+            raise ShapeMismatchError(
+                f"tensor {r.tensor!r}: shape {r.shape} in {checkpoint.tensors[r.tensor].file} but "
+                f"{ref0[key].shape} in origin {origin.tensors[ref0[key].tensor].file}"
+            )
+    return [reft[k] for k in sorted(reft)]
+
+
+def read_trainer_step(path: Path) -> int | None:
+    """``global_step`` from ``trainer_state.json`` in ``path``, or None."""
+    try:
+        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _read_sharded(index: Path) -> dict[str, TensorInfo]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{index}: unreadable shard index: {e}") from None
+    tensors: dict[str, TensorInfo] = {}
+    for shard in sorted(set(weight_map.values())):
+        file = index.parent / shard
+        if Path(shard).name != shard:
+            raise CorruptCheckpointError(f"{index}: shard name {shard!r} is not a file in the checkpoint directory")
+        if not file.is_file():
+            raise CorruptCheckpointError(f"{index}: shard {shard} is listed in the index but missing")
+        header = _read_header(file)
+        listed = {name for name, s in weight_map.items() if s == shard}
+        if missing := sorted(listed - header.keys()):
+            raise CorruptCheckpointError(
+                f"{file}: index lists tensor {missing[0]!r} in this shard but the file does not hold it"
+            )
+        for name in sorted(header.keys() - listed):
+            other = weight_map.get(name)
+            where = f"the index assigns it to {other}" if other else "the index does not list it"
+            raise CorruptCheckpointError(f"{file}: holds tensor {name!r} but {where}")
+        tensors.update(header)
+    return tensors
+
+
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header without loading data; check it describes exactly the file's bytes."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpointError(f"{file}: not a safetensors file ({size} bytes, too short for a header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise CorruptCheckpointError(
+                    f"{file}: header claims {n} bytes but the file has {size} (truncated or not safetensors)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        tensors, end = {}, 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in (*shape, start, stop)) or stop < start:
+                raise ValueError(f"tensor {name!r} has a malformed shape or offsets")
+            nbytes = _DTYPE_BYTES.get(dtype)
+            if nbytes is not None and stop - start != nbytes * _prod(shape):
+                raise ValueError(f"tensor {name!r}: {stop - start} bytes do not hold {dtype}{list(shape)}")
+            tensors[name] = TensorInfo(file, dtype, shape)
+            end = max(end, stop)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{file}: corrupt safetensors header: {e}") from None
+    if size != 8 + n + end:
+        state = "truncated or still being written" if size < 8 + n + end else "has trailing bytes"
+        raise CorruptCheckpointError(f"{file}: {state}: header describes {8 + n + end} bytes, file has {size}")
+    return tensors
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _what_is_here(path: Path) -> str:
+    names = sorted(p.name for p in path.iterdir())[:8]
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+    if pickles:
+        return f"found pickle files {pickles}; opd_lens reads safetensors only"
+    return f"contents: {names}" if names else "empty directory"

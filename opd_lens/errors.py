@@ -1,0 +1,42 @@
+"""Exception and warning types. Every user-facing error is an :class:`OpdLensError` whose message names the file
+(and tensor) at fault; the CLI prints it as one line and exits with status 2."""
+
+from __future__ import annotations
+
+__all__ = [
+    "OpdLensError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "ShapeMismatchError",
+    "UnsupportedTensorError",
+    "CheckpointWarning",
+]
+
+
+class OpdLensError(Exception):
+    """Base class of the errors opd_lens reports to users (bad input, not a bug)."""
+
+
+class CheckpointError(OpdLensError):
+    """A checkpoint or run directory cannot be read as asked."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The directory does not exist or holds no checkpoint opd_lens can read."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file or shard index is truncated, garbled, missing or inconsistent."""
+
+
+class ShapeMismatchError(CheckpointError, ValueError):
+    """The same tensor has different shapes in the origin and a checkpoint."""
+
+
+class UnsupportedTensorError(CheckpointError, TypeError):
+    """A tensor's dtype or layout cannot be analysed (e.g. int8 or fp8 weights)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped or looks inconsistent; the message names it and says why."""
