@@ -1,0 +1,104 @@
+"""Synthetic checkpoint series with a planted update, written in real trainer layouts.
+
+For tests, benchmarks and the foundation demo: a tiny Qwen3-shaped model whose cumulative update
+ΔW_t = (t/T)·(B_r A_r + S) is a rank-r channel B_r A_r plus a sparse part S, so the diagnostics have known
+structure (a locked right subspace, a stable rank near r, partial bf16 sparsity).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoints import checkpoint_path, save_checkpoint
+
+__all__ = ["qwen3_config", "qwen3_shapes", "write_planted_run"]
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def qwen3_config(layers: int = 2, hidden: int = 64, intermediate: int = 160, heads: int = 4, kv_heads: int = 2) -> dict:
+    """A Qwen3 ``config.json`` for the given sizes (head_dim = hidden / heads)."""
+    return {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "vocab_size": 128,
+    }
+
+
+def qwen3_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Stored tensor names and shapes of a Qwen3 causal LM with ``config``."""
+    h, i, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    proj = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+    proj |= {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], h)}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        shapes |= {f"{p}.self_attn.{n}.weight": proj[n] for n in _ATTN}
+        shapes |= {f"{p}.mlp.{n}.weight": proj[n] for n in _MLP}
+        shapes |= {f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)}
+        shapes |= {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,)}
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (config["vocab_size"], h)}
+    return shapes
+
+
+def write_planted_run(
+    out: str | os.PathLike,
+    *,
+    config: dict | None = None,
+    steps: Sequence[int] = (25, 50, 75, 100),
+    rank: int = 4,
+    scale: float = 0.02,
+    density: float = 0.3,
+    layout: str = "hf",
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int | None = None,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Write an origin checkpoint and a run of checkpoints at ``steps``; return ``(origin_dir, run_dir)``.
+
+    Each matrix gets ΔW_t = (t/T)·scale·rms(W_0)·(B A / ‖B A‖_rms + S), B A of rank ``rank`` and S a sparse
+    Gaussian with the given ``density``. 1-D weights stay at W_0.
+    """
+    config = config or qwen3_config()
+    out = Path(out)
+    gen = torch.Generator().manual_seed(seed)
+    origin = {name: _init(shape, gen) for name, shape in qwen3_shapes(config).items()}
+    delta = {name: _planted(w, rank, density, gen) for name, w in origin.items() if w.ndim == 2}
+    origin_dir = save_checkpoint(out / "origin", _cast(origin, dtype), config=config)
+    run_dir = out / "run"
+    last = max(steps)
+    for step in steps:
+        weights = {n: w + (step / last) * scale * delta[n] if n in delta else w for n, w in origin.items()}
+        path = checkpoint_path(run_dir, step, layout)
+        save_checkpoint(path, _cast(weights, dtype), step=step, config=config, max_shard_bytes=max_shard_bytes)
+    return origin_dir, run_dir
+
+
+def _init(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / shape[1] ** 0.5
+
+
+def _planted(w: torch.Tensor, rank: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    m, n = w.shape
+    low = torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
+    sparse = torch.randn(m, n, generator=gen) * (torch.rand(m, n, generator=gen) < density)
+    rms = w.pow(2).mean().sqrt()
+    return rms * (low / low.pow(2).mean().sqrt() + sparse)
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in tensors.items()}
