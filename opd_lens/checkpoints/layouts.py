@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWarning
-from .reader import INDEX_NAME, Checkpoint, open_checkpoint, read_trainer_step
+from .reader import INDEX_NAME, Checkpoint, open_checkpoint, read_trainer_step, weight_files
 
 __all__ = ["Layout", "LAYOUTS", "find_checkpoints", "checkpoint_path"]
 
@@ -64,7 +64,7 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
     if not run.is_dir():
         what = "is not a directory" if run.exists() else "does not exist"
         raise CheckpointNotFoundError(f"{run}: run directory {what}")
-    found: dict[int, Checkpoint] = {}
+    found: dict[int, tuple[int, Checkpoint]] = {}  # step -> (layout preference, checkpoint)
     unreadable = 0
     weightless: dict[int, Path] = {}
     for base in (run / sub for sub in _SUBDIRS):
@@ -74,21 +74,25 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
             match = _match(entry)
             if match is None:
                 continue
-            step, weights = match
+            step, weights, preference = match
             if weights is None:
                 weightless.setdefault(step, entry)
                 continue
             ckpt = _open_or_warn(weights, step)
             if ckpt is None:
                 unreadable += 1
-            elif ckpt.step in found:
+                continue
+            if ckpt.step in found:
+                kept, dropped = sorted([found[ckpt.step], (preference, ckpt)], key=lambda x: x[0])
                 warnings.warn(
-                    f"{weights}: step {ckpt.step} is also in {found[ckpt.step].path}; keeping that one",
+                    f"{dropped[1].path}: step {ckpt.step} is also in {kept[1].path}; using the latter",
                     CheckpointWarning,
                     stacklevel=2,
                 )
+                found[ckpt.step] = kept
             else:
-                found[ckpt.step] = ckpt
+                found[ckpt.step] = (preference, ckpt)
+    checkpoints = [found[s][1] for s in sorted(found)]
     for step, entry in sorted(weightless.items()):
         if step not in found:
             warnings.warn(
@@ -108,27 +112,27 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
             + "; expected checkpoint-N/, global_step_N[_hf]/, global_step_N/actor/huggingface/ or step_N/ "
             "directories with safetensors weights, or a checkpoint directory itself"
         )
-    return [found[s] for s in sorted(found)]
+    return checkpoints
 
 
-def _match(entry: Path) -> tuple[int, Path | None] | None:
-    """(step, weights directory or None if it holds no safetensors) for a step directory, else None."""
+def _match(entry: Path) -> tuple[int, Path | None, int] | None:
+    """(step, weights directory or None if it holds no safetensors, layout preference) for a step directory."""
     if not entry.is_dir():
         return None
     step = None
-    for layout in LAYOUTS:
+    for preference, layout in enumerate(LAYOUTS):
         s = layout.match(entry.name)
         if s is None:
             continue
         step = s
         weights = entry / layout.weights
         if weights.is_dir() and _has_weights(weights):
-            return step, weights
-    return None if step is None else (step, None)
+            return step, weights, preference
+    return None if step is None else (step, None, len(LAYOUTS))
 
 
 def _has_weights(path: Path) -> bool:
-    return (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors"))
+    return (path / INDEX_NAME).is_file() or bool(weight_files(path))
 
 
 def _open_or_warn(path: Path, dir_step: int) -> Checkpoint | None:

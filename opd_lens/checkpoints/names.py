@@ -108,8 +108,13 @@ def plan_matrices(
         layer, module = dupes[0]
         names = sorted(r.tensor for r in out if (r.layer, r.module) == (layer, module))
         raise ValueError(f"tensors {names} both map to layer {layer} module {module!r}")
-    out.sort(key=lambda r: (r.layer, r.module))
+    out.sort(key=lambda r: (r.layer, _natural(r.module)))
     return MatrixPlan(tuple(out), skipped)
+
+
+def _natural(name: str) -> tuple:
+    """Sort key that orders numbered parts numerically (``experts.2`` before ``experts.10``)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 class _CannotSplit(Exception):
@@ -142,14 +147,14 @@ def _split_2d(layer, module, name, shape, conv1d, config):
 
 
 def _qkv_sizes(rows: int, hidden: int, config: Mapping, name: str) -> tuple[int, int, int]:
-    heads = config.get("num_attention_heads") or config.get("n_head")
+    heads = _positive_int(config, "num_attention_heads") or _positive_int(config, "n_head")
     if heads:
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
+        kv_heads = _positive_int(config, "num_key_value_heads") or heads
+        head_dim = _positive_int(config, "head_dim") or hidden // heads
         sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
         if sum(sizes) == rows:
             return sizes
-    if rows % 3 == 0 and (not heads or config.get("num_key_value_heads", heads) == heads):
+    if rows % 3 == 0 and (not heads or (_positive_int(config, "num_key_value_heads") or heads) == heads):
         return (rows // 3,) * 3
     raise _CannotSplit(
         f"fused QKV with {rows} rows cannot be split into q/k/v: config.json must give num_attention_heads, "
@@ -157,9 +162,14 @@ def _qkv_sizes(rows: int, hidden: int, config: Mapping, name: str) -> tuple[int,
     )
 
 
+def _positive_int(config: Mapping, key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _split_experts(layer, parent, proj, name, shape, config):
     n_experts, a, b = shape
-    hidden = config.get("hidden_size")
+    hidden = _positive_int(config, "hidden_size")
     if proj == "down_proj":  # stored [E, H, I]; some writers store [E, I, H]
         transpose = hidden is not None and b == hidden and a != hidden
     else:  # stored [E, out, H]; some writers store [E, H, out]

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import (
     CheckpointError,
@@ -84,9 +84,10 @@ class Checkpoint:
     def config(self) -> dict:
         """The model's ``config.json`` beside the weights (empty if absent or unreadable)."""
         try:
-            return json.loads((self.path / "config.json").read_text())
+            config = load_json(self.path / "config.json")
         except (OSError, ValueError):
             return {}
+        return config if isinstance(config, dict) else {}
 
     def plan(self, include_globals: bool = False) -> MatrixPlan:
         """The analysed matrices of this checkpoint (see :mod:`opd_lens.checkpoints.names`)."""
@@ -97,7 +98,7 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """The whole stored tensor ``name``, in its stored dtype, on the CPU."""
-        return self._get(name, lambda sl: sl[:])
+        return self._get(name)
 
     def read_matrix(self, ref: MatrixRef) -> torch.Tensor:
         """The (out, in) matrix ``ref`` in its stored dtype, reading only its expert slice and rows."""
@@ -128,12 +129,12 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def _get(self, name: str, cut):
+    def _get(self, name: str, cut=None):
         info = self._info(name)
         try:
             with safe_open(info.file, framework="pt") as f:
-                return cut(f.get_slice(name))
-        except (OSError, RuntimeError, ValueError, TypeError) as e:
+                return f.get_tensor(name) if cut is None else cut(f.get_slice(name))
+        except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as e:
             raise CorruptCheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
 
 
@@ -154,7 +155,7 @@ def open_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpo
     if index.is_file():
         tensors = _read_sharded(index)
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = weight_files(path)
         if not files:
             raise CheckpointNotFoundError(f"{path}: no safetensors weights ({_what_is_here(path)})")
         tensors = {}
@@ -165,6 +166,8 @@ def open_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpo
                         f"{path}: tensor {name!r} is stored twice, in {tensors[name].file.name} and {file.name}"
                     )
                 tensors[name] = info
+    if not tensors:
+        raise CorruptCheckpointError(f"{path}: the checkpoint holds no tensors")
     if step is None:
         step = read_trainer_step(path)
     return Checkpoint(path=path, step=step, tensors=tensors)
@@ -194,18 +197,32 @@ def matched_matrices(origin: Checkpoint, checkpoint: Checkpoint, include_globals
     return [reft[k] for k in sorted(reft)]
 
 
+def load_json(source: Path | bytes):
+    """Parse a JSON file (or bytes); every malformed input raises ValueError (OSError if unreadable)."""
+    raw = source.read_bytes() if isinstance(source, Path) else source
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def read_trainer_step(path: Path) -> int | None:
     """``global_step`` from ``trainer_state.json`` in ``path``, or None."""
     try:
-        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+        step = load_json(path / "trainer_state.json")["global_step"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of model weights in ``path`` (PEFT adapter files are not model weights)."""
+    return sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+
+
 def _read_sharded(index: Path) -> dict[str, TensorInfo]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = load_json(index)["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map must map tensor names to file names")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -248,10 +265,10 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise CorruptCheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw)
+        header = load_json(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        tensors, end = {}, 0
+        tensors, spans = {}, []
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -262,7 +279,12 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             if nbytes is not None and stop - start != nbytes * _prod(shape):
                 raise ValueError(f"tensor {name!r}: {stop - start} bytes do not hold {dtype}{list(shape)}")
             tensors[name] = TensorInfo(file, dtype, shape)
-            end = max(end, stop)
+            spans.append((start, stop, name))
+        end = 0
+        for start, stop, name in sorted(spans):
+            if start != end:
+                raise ValueError(f"tensor {name!r} starts at byte {start} of the data, expected {end}")
+            end = stop
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(f"{file}: corrupt safetensors header: {e}") from None
     if size != 8 + n + end:
@@ -279,8 +301,10 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def _what_is_here(path: Path) -> str:
-    names = sorted(p.name for p in path.iterdir())[:8]
+    names = sorted(p.name for p in path.iterdir())
+    if any(n.startswith("adapter_model") for n in names):
+        return "found a PEFT/LoRA adapter, which opd_lens does not analyse yet; merge it into the base model first"
     pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
     if pickles:
-        return f"found pickle files {pickles}; opd_lens reads safetensors only"
-    return f"contents: {names}" if names else "empty directory"
+        return f"found pickle files {pickles[:4]}; opd_lens reads safetensors only"
+    return f"contents: {names[:8]}" if names else "empty directory"

@@ -19,16 +19,19 @@ MASK_ALPHA = 0.5
 def fraction_mask(scores: torch.Tensor, alpha: float, largest: bool = True) -> torch.Tensor:
     """Boolean mask of the k = ⌈α·m·n⌉ entries of each m×n matrix with the largest (or smallest) score.
 
-    Exactly k entries are selected per matrix (``topk`` over the flattened matrix); ties at the threshold are
-    broken arbitrarily.
+    Exactly k entries are selected per matrix. Ties at the threshold go to the lowest row-major indices, so the
+    mask is the same on every device.
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     numel = scores.shape[-2] * scores.shape[-1]
     k = math.ceil(round(alpha * numel, 6))
     flat = scores.flatten(-2)
-    idx = flat.topk(k, dim=-1, largest=largest, sorted=False).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+    rank = numel - k + 1 if largest else k  # the k-th largest is the (n-k+1)-th smallest
+    kth = flat.kthvalue(rank, dim=-1, keepdim=True).values
+    beyond = flat > kth if largest else flat < kth
+    at = flat == kth
+    mask = beyond | (at & (at.cumsum(-1) <= k - beyond.sum(-1, keepdim=True)))
     return mask.view(scores.shape)
 
 

@@ -1,0 +1,116 @@
+"""Shared helpers for the test suite: tiny model state dicts and hand-written (non-opd_lens) safetensors files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+# A tiny Qwen3-like geometry with grouped-query attention (kv heads < heads) and head_dim * heads != hidden.
+HIDDEN = 16
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = 4
+INTERMEDIATE = 24
+VOCAB = 32
+
+QWEN3_CONFIG = {
+    "model_type": "qwen3",
+    "hidden_size": HIDDEN,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "intermediate_size": INTERMEDIATE,
+    "vocab_size": VOCAB,
+}
+
+DENSE_MODULES = (
+    "mlp.down_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "self_attn.k_proj",
+    "self_attn.o_proj",
+    "self_attn.q_proj",
+    "self_attn.v_proj",
+)
+"""The 7 analysed matrices of a Llama/Qwen3/Mistral block, sorted."""
+
+
+def qwen3_shapes(n_layers: int = 2) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a tiny Qwen3-style (Llama/Mistral naming) model."""
+    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q, HIDDEN),
+            p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, q),
+            p + "self_attn.q_norm.weight": (HEAD_DIM,),
+            p + "self_attn.k_norm.weight": (HEAD_DIM,),
+            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        }
+    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    return shapes
+
+
+def random_state_dict(
+    shapes: Mapping[str, Sequence[int]], dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Distinct random tensors of the given shapes (every element differs, so a wrong slice cannot pass)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(tuple(shape), generator=g).to(dtype) for name, shape in shapes.items()}
+
+
+def qwen3_state_dict(n_layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny Qwen3-style state dict (GQA, q/k norms, untied lm_head)."""
+    return random_state_dict(qwen3_shapes(n_layers), dtype, seed)
+
+
+def write_raw_checkpoint(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    shards: Sequence[Sequence[str]] | None = None,
+    shard_names: Sequence[str] | None = None,
+    weight_map: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a checkpoint directly with ``safetensors.torch.save_file`` (not opd_lens's writer).
+
+    ``shards=None`` writes one ``model.safetensors``; otherwise each group of names goes to its own shard and a
+    hand-written ``model.safetensors.index.json`` is added (``weight_map`` overrides the index's map).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if shards is None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+        return path
+    n = len(shards)
+    names = list(shard_names or [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)])
+    wm: dict[str, str] = {}
+    for fname, group in zip(names, shards, strict=True):
+        save_file({k: tensors[k].contiguous() for k in group}, str(path / fname))
+        wm |= dict.fromkeys(group, fname)
+    if weight_map is not None:
+        wm = dict(weight_map)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm})
+    )
+    return path
+
+
+def write_trainer_state(path: Path, step: int) -> None:
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+
+
+@pytest.fixture
+def tiny_qwen3() -> dict[str, torch.Tensor]:
+    return qwen3_state_dict()
