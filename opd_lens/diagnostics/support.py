@@ -27,7 +27,7 @@ def update_mask(w0: torch.Tensor, wt: torch.Tensor, eta: float = ETA) -> torch.T
     same = (a == b) | (torch.isnan(a) & torch.isnan(b))
     if eta < _BF16_MIN_RELATIVE_GAP:
         return ~same
-    af, bf = a.to(torch.float32), b.to(torch.float32)
+    af, bf = a.to(torch.float64), b.to(torch.float64)  # float64: no overflow, no float32 rounding
     close = (bf - af).abs() <= eta * torch.maximum(af.abs(), bf.abs())
     finite = torch.isfinite(af) & torch.isfinite(bf)
     return ~torch.where(finite, close, same)
