@@ -142,7 +142,7 @@ def open_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpo
     """Open and validate the checkpoint whose weights are in directory ``path``.
 
     Reads ``model.safetensors.index.json`` when present (every listed shard must exist and hold exactly the tensors
-    the index assigns to it), otherwise every ``*.safetensors`` file in the directory. Each file's header must
+    the index assigns to it), otherwise every ``*.safetensors`` file but PEFT adapters. Each file's header must
     parse and match the file's size (a file still being written fails this). The step defaults to
     ``global_step`` in ``trainer_state.json``, if any. Raises :class:`CheckpointNotFoundError` or
     :class:`CorruptCheckpointError` naming the file at fault.

@@ -20,13 +20,13 @@ def fraction_mask(scores: torch.Tensor, alpha: float, largest: bool = True) -> t
     """Boolean mask of the k = ⌈α·m·n⌉ entries of each m×n matrix with the largest (or smallest) score.
 
     Exactly k entries are selected per matrix. Ties at the threshold go to the lowest row-major indices, so the
-    mask is the same on every device.
+    mask is the same on every device; NaN scores rank last.
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     numel = scores.shape[-2] * scores.shape[-1]
     k = math.ceil(round(alpha * numel, 6))
-    flat = scores.flatten(-2)
+    flat = scores.flatten(-2).nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf, neginf=-math.inf)
     rank = numel - k + 1 if largest else k  # the k-th largest is the (n-k+1)-th smallest
     kth = flat.kthvalue(rank, dim=-1, keepdim=True).values
     beyond = flat > kth if largest else flat < kth

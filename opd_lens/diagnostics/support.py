@@ -16,7 +16,8 @@ _BF16_MIN_RELATIVE_GAP = 2.0**-8
 def update_mask(w0: torch.Tensor, wt: torch.Tensor, eta: float = ETA) -> torch.Tensor:
     """M_upd: True where an entry visibly changed, ``bf16(wt) ≉_η bf16(w0)``.
 
-    Both tensors are rounded to bf16 first (a bf16 input is unchanged by that). An entry is unchanged iff
+    Both tensors are rounded to bf16 first (a bf16 input is unchanged by that; torch rounds float64 through
+    float32). An entry is unchanged iff
     ``|ŵ − w| ≤ η · max(|w|, |ŵ|)``. For η < 2⁻⁸ (the default 1e-3 included) that is exactly bf16 equality, so the
     test runs as a bit comparison: +0 and −0 are equal, 0 → nonzero is a change. Non-finite entries are compared
     explicitly: NaN against NaN (and ±inf against the same inf) counts as unchanged, NaN against a number as changed.
