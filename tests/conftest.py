@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from safetensors.torch import save_file
 
-# A tiny Qwen3-like geometry with grouped-query attention (kv heads < heads) and head_dim * heads != hidden.
+# CI replays the same examples every run (a red CI is a real regression); local runs keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+# A tiny Qwen3-like geometry with grouped-query attention (kv heads < heads).
 HIDDEN = 16
 HEADS = 4
 KV_HEADS = 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -33,6 +34,12 @@ from opd_lens.errors import CheckpointError
 H, Q, KV, INTER = HIDDEN, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, INTERMEDIATE
 
 
+def _natural_key(key):
+    """(layer, module) ordered with numbered parts compared as numbers: experts.2 before experts.10."""
+    layer, module = key
+    return layer, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", module)]
+
+
 def _keys(plan: MatrixPlan) -> list[tuple[int, str]]:
     return [(r.layer, r.module) for r in plan.matrices]
 
@@ -56,7 +63,7 @@ def _e2e(path: Path, sd, expected, config=None, include_globals=False, raw_shard
         save_checkpoint(path, sd, config=config)
     ckpt = open_checkpoint(path)
     plan = ckpt.plan(include_globals)
-    assert _keys(plan) == sorted(expected)
+    assert _keys(plan) == sorted(expected, key=_natural_key)
     for ref in plan.matrices:
         want = expected[ref.layer, ref.module]
         assert ref.shape == tuple(want.shape), ref
@@ -107,7 +114,7 @@ def test_layers_sort_numerically():
     layers = [r.layer for r in plan.matrices]
     assert layers == sorted(layers)
     assert layers[-1] == 11 and len(layers) == 12 * 7
-    assert _keys(plan) == sorted(_keys(plan))
+    assert _keys(plan) == sorted(_keys(plan), key=_natural_key)
 
 
 @pytest.mark.parametrize("raw_shards", [0, 3])
@@ -522,7 +529,7 @@ def test_multiple_block_stacks_end_to_end(tmp_path):
     sd = random_state_dict(shapes, torch.float32)
     plan = plan_matrices(shapes)
     keys = _keys(plan)
-    assert keys == sorted(keys)
+    assert keys == sorted(keys, key=_natural_key)
     assert (0, "self_attn.q_proj") in keys and (0, "model.vision_tower/self_attn.q_proj") in keys
     assert (0, "model.vision_tower/mlp.fc1") in keys and (1, "model.vision_tower/self_attn.q_proj") in keys
     assert "model.multi_modal_projector.linear.weight" in plan.skipped
@@ -629,7 +636,7 @@ def test_plan_matrices_fuzz(shapes, config, include_globals):
     except ValueError:
         return
     keys = _keys(plan)
-    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert keys == sorted(keys, key=_natural_key) and len(set(keys)) == len(keys)
     for ref in plan.matrices:
         assert ref.tensor in shapes
         _check_geometry(ref, tuple(shapes[ref.tensor]))
@@ -689,3 +696,9 @@ header_st = st.dictionaries(
 def test_open_checkpoint_structured_headers(header, data):
     raw = json.dumps(header).encode()
     _open_and_plan(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_experts_sort_numerically():
+    shapes = {f"model.layers.0.mlp.experts.{e}.down_proj.weight": (8, 4) for e in (10, 2, 1)}
+    plan = plan_matrices(shapes, {})
+    assert [m.module for m in plan.matrices] == [f"mlp.experts.{e}.down_proj" for e in (1, 2, 10)]
