@@ -9,13 +9,16 @@ __version__ = "0.1.0"
 from . import checkpoints, diagnostics
 from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
 from .errors import OpdLensError
+from .store import Store, open_store
 
 __all__ = [
     "Checkpoint",
     "OpdLensError",
+    "Store",
     "__version__",
     "checkpoints",
     "diagnostics",
     "find_checkpoints",
     "open_checkpoint",
+    "open_store",
 ]

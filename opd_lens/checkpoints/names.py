@@ -108,11 +108,11 @@ def plan_matrices(
         layer, module = dupes[0]
         names = sorted(r.tensor for r in out if (r.layer, r.module) == (layer, module))
         raise ValueError(f"tensors {names} both map to layer {layer} module {module!r}")
-    out.sort(key=lambda r: (r.layer, _natural(r.module)))
+    out.sort(key=lambda r: (r.layer, natural_key(r.module)))
     return MatrixPlan(tuple(out), skipped)
 
 
-def _natural(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
     """Sort key that orders numbered parts numerically (``experts.2`` before ``experts.10``)."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -37,6 +38,7 @@ SINGLE_NAME = "model.safetensors"
 READABLE_DTYPES = ("BF16", "F16", "F32", "F64")
 """safetensors dtypes the diagnostics accept; quantized weights (I8, F8_*) are refused with a clear error."""
 _MAX_HEADER = 100 * 2**20
+_SAMPLE = 64 * 2**10
 _DTYPE_BYTES = {
     "BF16": 2,
     "F16": 2,
@@ -88,6 +90,27 @@ class Checkpoint:
         except (OSError, ValueError):
             return {}
         return config if isinstance(config, dict) else {}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content fingerprint: SHA-256 over each weight file's name, size, header and first and last 64 KiB.
+
+        Cheap on multi-GB checkpoints and changes whenever a file is rewritten with other weights in practice; not
+        a cryptographic hash of every byte.
+        """
+        h = hashlib.sha256()
+        for file in sorted({info.file for info in self.tensors.values()}):
+            try:
+                size = file.stat().st_size
+                with open(file, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    head = f.read(n + _SAMPLE)
+                    f.seek(max(8 + n, size - _SAMPLE))
+                    tail = f.read(_SAMPLE)
+            except (OSError, struct.error) as e:
+                raise CorruptCheckpointError(f"{file}: cannot read: {e}") from None
+            h.update(f"{file.name}\0{size}\0".encode() + head + tail)
+        return h.hexdigest()
 
     def plan(self, include_globals: bool = False) -> MatrixPlan:
         """The analysed matrices of this checkpoint (see :mod:`opd_lens.checkpoints.names`)."""

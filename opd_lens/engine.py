@@ -1,0 +1,320 @@
+"""The compute engine: which checkpoints still need diagnostics, the origin-factor cache, local or Dask execution.
+
+Data flows one way: checkpoints are read one matrix at a time, :mod:`opd_lens.diagnostics` computes, and the
+results are written into the :class:`~opd_lens.store.Store` one (run, step) region at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
+from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, origin_factors, sim_k
+from .errors import CheckpointWarning
+from .store import ANGLES, SCALARS, Store, StoreError, write_lock_alignment, write_step
+
+__all__ = ["ComputeReport", "compute", "resolve_device"]
+
+_STEP_SCALARS = tuple(name for name in SCALARS if name != "lock_alignment")
+
+
+@dataclass
+class ComputeReport:
+    """What one :func:`compute` call did."""
+
+    steps: list[tuple[str, int]] = field(default_factory=list)
+    """(run, step) pairs computed."""
+    matrices_read: int = 0
+    """Matrices read from checkpoints (origin and checkpoint reads alike): 0 when nothing was new."""
+    lock_updates: int = 0
+    """(run, step) pairs whose lock_alignment was (re)computed against a new last step."""
+
+
+@dataclass(frozen=True)
+class _MatrixResult:
+    scalars: dict[str, float]
+    angles: dict[str, np.ndarray]
+    basis: torch.Tensor
+    reads: int
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when torch sees a GPU, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute(
+    store: Store,
+    *,
+    runs: Sequence[str] | None = None,
+    device: str = "auto",
+    endpoint: str | Sequence[int] = "last",
+    client=None,
+    progress: bool = True,
+) -> ComputeReport:
+    """Compute the diagnostics of every checkpoint of ``runs`` (default: all registered) not yet in ``store``.
+
+    Incremental: a checkpoint already stored (same content fingerprint) is not read again, so a second call with
+    nothing new reads no matrix; new checkpoints in a run directory are appended. W_0's factors are computed once
+    per origin and cached in the store. When a run gains a newer last step, ``lock_alignment`` (Sim_K of V_K(t)
+    to the final channel V_K(last)) is recomputed for all of that run's steps from cached bases.
+
+    ``endpoint`` chooses the steps that also get principal angles and the spectral shift: ``"last"`` (each run's
+    last checkpoint), ``"all"``, ``"none"`` or a list of steps. ``client`` (a ``dask.distributed.Client``) runs
+    one task per matrix on the cluster and one write task per (run, step) region; workers must see the store and
+    checkpoint paths. ``device="auto"`` uses CUDA when available.
+    """
+    report = ComputeReport()
+    names = list(store.runs) if runs is None else list(runs)
+    with store.writer():
+        for name in names:
+            _compute_run(store, name, device, endpoint, client, progress, report)
+    return report
+
+
+def _compute_run(store: Store, name: str, device, endpoint, client, progress: bool, report: ComputeReport) -> None:
+    spec = store.runs.get(name)
+    if spec is None:
+        raise StoreError(f"{store.path}: no run named {name!r}; registered: {list(store.runs)}")
+    origin = open_checkpoint(spec["origin"])
+    if origin.fingerprint != spec["origin_fingerprint"]:
+        raise StoreError(f"{origin.path}: the origin of run {name!r} changed since it was added; use a new store")
+    ckpts = find_checkpoints(spec["run_dir"])
+    done = store.completed_steps(name)
+    bases = _BasesCache(store.run_cache(name))
+    pending = []
+    for c in ckpts:
+        recorded = spec["checkpoints"].get(str(c.step), {}).get("fingerprint")
+        if c.step in done and recorded == c.fingerprint and bases.has(c.step):
+            continue
+        if c.step in done and recorded != c.fingerprint:
+            warnings.warn(
+                f"{c.path}: changed since it was computed; recomputing step {c.step}", CheckpointWarning, stacklevel=3
+            )
+        pending.append(c)
+    ends = _endpoint_steps(endpoint, [c.step for c in ckpts])
+    if pending:
+        refs = {c.step: matched_matrices(origin, c, spec["include_globals"]) for c in pending}
+        factors = store.cache_dir("origin", f"{origin.fingerprint[:16]}-{_settings_key(store.settings)}")
+        tasks = [(c, refs[c.step], store.step_slot(c.step), c.step in ends) for c in pending]
+        execute = _run_dask if client is not None else _run_local
+        for c, reads in execute(store, name, origin, tasks, factors, device, client, progress):
+            store.record_checkpoint(name, c.step, str(c.path), c.fingerprint)
+            report.steps.append((name, c.step))
+            report.matrices_read += reads
+    report.lock_updates += _update_lock_alignment(store, name, bases)
+
+
+def _run_local(store, name, origin, tasks, factor_dir, device, client, progress):
+    dev = resolve_device(device)
+    total = sum(len(refs) for _, refs, _, _ in tasks)
+    run = store.run_index(name)
+    with tqdm(total=total, desc=name, unit="matrix", disable=not progress, dynamic_ncols=True) as bar:
+        for ckpt, refs, slot, is_end in tasks:
+            bar.set_postfix_str(f"step {ckpt.step}")
+            results = []
+            for ref in refs:
+                results.append(_matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir))
+                bar.update()
+            yield (
+                ckpt,
+                _write_task(store.data_path, store.grid(), run, slot, refs, results, store.run_cache(name), ckpt.step),
+            )
+
+
+def _run_dask(store, name, origin, tasks, factor_dir, device, client, progress):
+    run = store.run_index(name)
+    grid = store.grid()
+    refs0 = {(r.layer, r.module): r for _, refs, _, _ in tasks for r in refs}
+    warm = client.map(
+        _factor_task,
+        [origin] * len(refs0),
+        list(refs0.values()),
+        settings=store.settings,
+        factor_dir=factor_dir,
+        device=device,
+        pure=False,
+    )
+    factor_reads = sum(client.gather(warm))
+    writes = []
+    for ckpt, refs, slot, is_end in tasks:
+        parts = [
+            client.submit(_matrix_task, origin, ckpt, ref, store.settings, is_end, device, factor_dir, pure=False)
+            for ref in refs
+        ]
+        writes.append(
+            (
+                ckpt,
+                client.submit(
+                    _write_task,
+                    store.data_path,
+                    grid,
+                    run,
+                    slot,
+                    refs,
+                    parts,
+                    store.run_cache(name),
+                    ckpt.step,
+                    pure=False,
+                ),
+            )
+        )
+    for i, (ckpt, fut) in enumerate(tqdm(writes, desc=name, unit="step", disable=not progress)):
+        yield ckpt, fut.result() + (factor_reads if i == 0 else 0)
+
+
+def _factor_task(origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_dir: Path, device) -> int:
+    """Compute and cache one matrix's origin factors; returns the number of matrices read."""
+    return _load_factors(origin, ref, settings, factor_dir, resolve_device(device))[1]
+
+
+def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir) -> _MatrixResult:
+    dev = resolve_device(device)
+    factors, reads = _load_factors(origin, ref, settings, factor_dir, dev)
+    w0 = origin.read_matrix(ref).to(dev)
+    wt = ckpt.read_matrix(ref).to(dev)
+    d = matrix_diagnostics(w0, wt, settings, factors, endpoint=is_end)
+    return _MatrixResult(
+        scalars={name: getattr(d, name) for name in _STEP_SCALARS},
+        angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
+        basis=d.lock_basis.to(torch.float32).cpu(),
+        reads=reads + 2,
+    )
+
+
+def _write_task(path, grid, run, slot, refs, results, bases_dir, step) -> int:
+    """Write one (run, step) region from its matrices' results and save V_K bases; returns matrices read."""
+    layers, modules, k = grid
+    shape = (len(layers), len(modules))
+    scalars = {name: np.full(shape, np.nan, np.float32) for name in _STEP_SCALARS}
+    angles = {name: np.full((*shape, k), np.nan, np.float32) for name in ANGLES}
+    for ref, res in zip(refs, results, strict=True):
+        i, j = layers[ref.layer], modules[ref.module]
+        for name, value in res.scalars.items():
+            scalars[name][i, j] = value
+        for name, profile in res.angles.items():
+            angles[name][i, j, : profile.shape[0]] = profile
+    _BasesCache(bases_dir).save(step, {_key(r): res.basis for r, res in zip(refs, results, strict=True)})
+    write_step(path, run, slot, scalars, angles)
+    return sum(res.reads for res in results)
+
+
+def _update_lock_alignment(store: Store, name: str, bases: _BasesCache) -> int:
+    """Recompute Sim_K(V_K(t), V_K(last)) for every step whose stored value refers to an older last step."""
+    done = store.completed_steps(name)
+    if not done:
+        return 0
+    last = max(done)
+    stale = [s for s, ref in done.items() if ref != last]
+    if not stale:
+        return 0
+    layers, modules, _ = store.grid()
+    final = bases.load(last)
+    run = store.run_index(name)
+    for step in stale:
+        values = np.full((len(layers), len(modules)), np.nan, np.float32)
+        for key, basis in bases.load(step).items():
+            if key in final:
+                layer, module = _unkey(key)
+                values[layers[layer], modules[module]] = float(sim_k(basis, final[key]))
+        write_lock_alignment(store.data_path, run, store.step_slot(step), values, last)
+    return len(stale)
+
+
+def _load_factors(
+    origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_dir: Path, device
+) -> tuple[OriginFactors, int]:
+    """The origin factors of one matrix from the cache, computing and caching them on first use."""
+    file = Path(factor_dir) / f"{quote(_key(ref), safe='')}.safetensors"
+    if file.is_file():
+        t = load_file(file, device=str(device))
+        shape = tuple(int(d) for d in t["shape"].tolist())
+        masks = (_unpack(t[name], shape).to(device) for name in ("principal_mask", "lowmag_mask"))
+        return OriginFactors(Factors(t["u"], t["s"], t["vh"]), *masks), 0
+    w0 = origin.read_matrix(ref).to(device)
+    of = origin_factors(w0, settings)
+    tensors = {
+        "u": of.factors.u.cpu().contiguous(),
+        "s": of.factors.s.cpu().contiguous(),
+        "vh": of.factors.vh.cpu().contiguous(),
+        "principal_mask": _pack(of.principal_mask),
+        "lowmag_mask": _pack(of.lowmag_mask),
+        "shape": torch.tensor(list(w0.shape)),
+    }
+    tmp = file.with_name(f".{file.name}.{id(tensors)}.tmp")
+    save_file(tensors, tmp)
+    tmp.replace(file)
+    return of, 1
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().ravel()))
+
+
+def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    flat = np.unpackbits(bits.cpu().numpy())[: math.prod(shape)]
+    return torch.from_numpy(flat.reshape(shape).astype(bool))
+
+
+class _BasesCache:
+    """V_K(t) of every matrix, one safetensors file per step, for recomputing lock_alignment."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _file(self, step: int) -> Path:
+        return self.directory / f"bases-{step}.safetensors"
+
+    def has(self, step: int) -> bool:
+        return self._file(step).is_file()
+
+    def save(self, step: int, bases: dict[str, torch.Tensor]) -> None:
+        tmp = self._file(step).with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in bases.items()}, tmp)
+        tmp.replace(self._file(step))
+
+    def load(self, step: int) -> dict[str, torch.Tensor]:
+        return load_file(self._file(step))
+
+
+def _key(ref: MatrixRef) -> str:
+    return f"{ref.layer}|{ref.module}"
+
+
+def _unkey(key: str) -> tuple[int, str]:
+    layer, module = key.split("|", 1)
+    return int(layer), module
+
+
+def _settings_key(settings: Settings) -> str:
+    return hashlib.sha256(repr(sorted(settings.asdict().items())).encode()).hexdigest()[:12]
+
+
+def _endpoint_steps(endpoint, steps: list[int]) -> set[int]:
+    if isinstance(endpoint, str):
+        if endpoint == "last":
+            return {max(steps)}
+        if endpoint == "all":
+            return set(steps)
+        if endpoint == "none":
+            return set()
+        try:
+            return {int(s) for s in endpoint.split(",") if s.strip()}
+        except ValueError:
+            raise StoreError(
+                f"endpoint must be last, all, none or a comma-separated list of steps, got {endpoint!r}"
+            ) from None
+    return {int(s) for s in endpoint}

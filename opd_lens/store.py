@@ -1,0 +1,443 @@
+"""The diagnostics store: a zarr v3 group holding the opd_lens Dataset, grown incrementally by one writer at a time.
+
+On disk, ``STORE/data.zarr`` is the zarr group. Its attributes hold the schema version, the diagnostics settings
+and the run registry; arrays with xarray dimension names hold the coordinates (``run``, ``step``, ``layer``,
+``module``, ``angle_index``, ``numel``) and the variables of the Dataset, one chunk per (run, step). A step's
+values become visible only when its ``complete`` flag is set, which is written last; ``lock_alignment`` counts
+only where its ``lock_ref`` is the run's last step. Dimensions grow through an intent file, so a writer killed
+mid-resize is repaired by the next one. ``STORE/cache/`` keeps the origin factors and the V_K bases of each step;
+``STORE/.lock`` names the writer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from . import __version__
+from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+from .checkpoints.names import natural_key
+from .diagnostics import Settings
+from .errors import OpdLensError
+
+__all__ = [
+    "SCALARS",
+    "ANGLES",
+    "SCHEMA_VERSION",
+    "Store",
+    "StoreError",
+    "StoreLockedError",
+    "open_store",
+]
+
+SCHEMA_VERSION = 1
+SCALARS = (
+    "unchanged_frac",
+    "update_fro",
+    "stable_rank",
+    "hill_alpha",
+    "lock_alignment",
+    "principal_overlap",
+    "lowmag_overlap",
+    "max_angle_u",
+    "max_angle_v",
+    "spectral_shift",
+)
+"""Per-matrix variables, dims (run, step, layer, module)."""
+ANGLES = ("angles_u", "angles_v")
+"""Angle profiles, dims (run, step, layer, module, angle_index)."""
+
+_DATA = "data.zarr"
+_LOCK = ".lock"
+_GROW = ".grow.json"
+_STEP_BLOCK = 32
+_DIMS = {name: ("run", "step", "layer", "module") for name in SCALARS} | {
+    name: ("run", "step", "layer", "module", "angle_index") for name in ANGLES
+}
+
+
+class StoreError(OpdLensError):
+    """The store cannot be opened or written as asked."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the store."""
+
+
+def open_store(path: str | os.PathLike, settings: Settings | None = None) -> Store:
+    """Open the store at ``path``, creating it (with ``settings``, default :class:`Settings`) if it does not exist.
+
+    An existing store keeps the settings it was created with; passing different ones is an error, since values
+    computed under different hyper-parameters cannot share one Dataset.
+    """
+    path = Path(path)
+    if not (path / _DATA / "zarr.json").is_file():
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path}: exists and is not an opd_lens store")
+        group = zarr.open_group(path / _DATA, mode="w")
+        group.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "opd_lens_version": __version__,
+                "settings": (settings or Settings()).asdict(),
+                "runs": {},
+            }
+        )
+    store = Store(path)
+    if settings is not None and settings != store.settings:
+        raise StoreError(
+            f"{path}: the store was computed with {store.settings}, not {settings}; use another store for these "
+            "settings"
+        )
+    return store
+
+
+class Store:
+    """An opd_lens store: register runs with :meth:`add_run`, fill it with :meth:`compute`, read :meth:`dataset`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.data_path = self.path / _DATA
+        """The zarr group; ``xr.open_zarr(store.data_path)`` shows the raw arrays (uncommitted slots included)."""
+        try:
+            self._group = zarr.open_group(self.data_path, mode="r+")
+            attrs = dict(self._group.attrs)
+            version = attrs["schema_version"]
+        except Exception as e:  # zarr raises many types for a damaged or foreign directory
+            raise StoreError(f"{self.path}: not a readable opd_lens store ({type(e).__name__}: {e})") from None
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by a newer opd_lens (schema {version}, this is {SCHEMA_VERSION}); upgrade"
+            )
+        self.settings = Settings(**attrs["settings"])
+
+    def __repr__(self) -> str:
+        return f"<opd_lens.Store '{self.path}' runs={list(self.runs)}>"
+
+    # --- registry ---------------------------------------------------------------------------------------------
+
+    @property
+    def runs(self) -> dict[str, dict]:
+        """The registered runs: name -> run_dir, origin, method, include_globals, fingerprints."""
+        return dict(zarr.open_group(self.data_path, mode="r").attrs["runs"])
+
+    def add_run(
+        self,
+        name: str,
+        run_dir: str | os.PathLike,
+        origin: str | os.PathLike,
+        method: str | None = None,
+        include_globals: bool = False,
+    ) -> None:
+        """Register a run: its checkpoint directory, its origin W_0 and its method label (default: ``name``).
+
+        Checks that the run has readable checkpoints whose matrices match the origin's. Adding the same run again
+        is a no-op; reusing a name for another run is an error.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise StoreError(f"run name must be a non-empty string, got {name!r}")
+        spec = {
+            "run_dir": str(Path(run_dir).resolve()),
+            "origin": str(Path(origin).resolve()),
+            "method": method or name,
+            "include_globals": include_globals,
+        }
+        known = self.runs.get(name)
+        if known is not None:
+            if {k: known[k] for k in spec} != spec:
+                raise StoreError(f"{self.path}: run {name!r} is already registered as {_describe(known)}")
+            return
+        origin_ckpt = open_checkpoint(origin)
+        last = find_checkpoints(run_dir)[-1]
+        refs = matched_matrices(origin_ckpt, last, include_globals)
+        with self.writer():
+            self._ensure_arrays(refs)
+            r = self._append_coord("run", name)
+            layers = self._coord_index("layer")
+            modules = self._coord_index("module")
+            numel = self._group["numel"]
+            block = np.zeros(numel.shape[1:], dtype=np.int64)
+            for ref in refs:
+                block[layers[ref.layer], modules[ref.module]] = ref.shape[0] * ref.shape[1]
+            numel[r] = block
+            spec |= {"origin_fingerprint": origin_ckpt.fingerprint, "checkpoints": {}}
+            self._update_runs({name: spec})
+
+    # --- compute and read ---------------------------------------------------------------------------------------
+
+    def compute(self, **kwargs):
+        """Compute every checkpoint not yet stored; see :func:`opd_lens.engine.compute` for the arguments."""
+        from .engine import compute
+
+        return compute(self, **kwargs)
+
+    def dataset(self) -> xr.Dataset:
+        """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords."""
+        runs = self.runs
+        if not runs or "complete" not in self._group:
+            raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
+        ds = xr.open_zarr(self.data_path, consolidated=False, chunks=None).load()
+        ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
+        ds = ds.isel(
+            run=np.flatnonzero(np.isin(ds.run.values, list(runs))),
+            module=np.flatnonzero(ds.module.values != ""),
+            step=np.flatnonzero(ds.step.values >= 0),
+        )
+        complete = ds["complete"] == 1
+        ds = ds.isel(step=np.flatnonzero(complete.any("run").values))
+        complete = ds["complete"] == 1
+        last = ds.step.where(complete).max("step")
+        variables = {name: ds[name].where(complete) for name in (*SCALARS, *ANGLES)}
+        variables["lock_alignment"] = variables["lock_alignment"].where(ds["lock_ref"] == last)
+        out = xr.Dataset(variables, coords={"numel": ds["numel"]})
+        out = out.assign_coords(
+            progress=(ds.step / last).where(complete).transpose("run", "step"),
+            method=("run", [runs[r]["method"] for r in ds.run.values]),
+        )
+        out = out.sortby("step").isel(
+            run=np.argsort([list(runs).index(r) for r in out.run.values], kind="stable"),
+            layer=np.argsort(out.layer.values, kind="stable"),
+            module=sorted(range(out.sizes["module"]), key=lambda i: natural_key(str(out.module.values[i]))),
+        )
+        out = out.transpose("run", "step", "layer", "module", "angle_index")
+        out.attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "opd_lens_version": __version__,
+            **self.settings.asdict(),
+            "runs": runs,
+        }
+        return out
+
+    # --- writing (callers hold the writer lock) -----------------------------------------------------------------
+
+    @contextmanager
+    def writer(self) -> Iterator[Store]:
+        """Hold the store's writer lock (re-entrant within this object); repair an interrupted resize on entry."""
+        if getattr(self, "_locked", False):
+            yield self
+            return
+        _acquire(self.path / _LOCK)
+        self._locked = True
+        try:
+            self._finish_grow()
+            yield self
+        finally:
+            self._locked = False
+            (self.path / _LOCK).unlink(missing_ok=True)
+
+    def run_index(self, name: str) -> int:
+        return self._coord_index("run")[name]
+
+    def grid(self) -> tuple[dict[int, int], dict[str, int], int]:
+        """Index of each layer and module value, and the angle_index size."""
+        return self._coord_index("layer"), self._coord_index("module"), self._group["angle_index"].shape[0]
+
+    def completed_steps(self, name: str) -> dict[int, int]:
+        """Step -> lock_ref of every completed step of run ``name``."""
+        r = self.run_index(name)
+        steps = self._group["step"][:]
+        done = self._group["complete"][r, :] == 1
+        refs = self._group["lock_ref"][r, :]
+        return {int(s): int(ref) for s, d, ref in zip(steps, done, refs, strict=True) if d and s >= 0}
+
+    def step_slot(self, step: int) -> int:
+        """The slot of ``step`` along the step dimension, allocating one (in blocks) if it is new."""
+        steps = self._group["step"][:]
+        hit = np.flatnonzero(steps == step)
+        if hit.size:
+            return int(hit[0])
+        free = np.flatnonzero(steps < 0)
+        if not free.size:
+            self._grow({"step": steps.shape[0] + _STEP_BLOCK})
+            free = [steps.shape[0]]
+        self._group["step"][int(free[0])] = step
+        return int(free[0])
+
+    def cache_dir(self, *parts: str) -> Path:
+        path = self.path.joinpath("cache", *parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def run_cache(self, name: str) -> Path:
+        return self.cache_dir("runs", hashlib.sha256(name.encode()).hexdigest()[:16])
+
+    def record_checkpoint(self, name: str, step: int, path: str, fingerprint: str) -> None:
+        run = self.runs[name]
+        run["checkpoints"] = {**run["checkpoints"], str(step): {"path": path, "fingerprint": fingerprint}}
+        self._update_runs({name: run})
+
+    # --- internals ----------------------------------------------------------------------------------------------
+
+    def _update_runs(self, changes: Mapping[str, dict]) -> None:
+        self._group.attrs["runs"] = {**self.runs, **changes}
+
+    def _coord_index(self, dim: str) -> dict:
+        values = self._group[dim][:]
+        empty = "" if values.dtype.kind in "OUT" else None
+        return {(str(v) if empty == "" else int(v)): i for i, v in enumerate(values) if v != empty}
+
+    def _ensure_arrays(self, refs) -> None:
+        """Create the arrays on first use and grow the (layer, module, angle_index) grid to hold ``refs``."""
+        k = min(self.settings.angle_k, max(min(r.shape) for r in refs))
+        layers = sorted({r.layer for r in refs})
+        modules = sorted({r.module for r in refs}, key=natural_key)
+        if "complete" not in self._group:
+            self._create_arrays(len(layers), len(modules), k)
+        new_layers = [x for x in layers if x not in self._coord_index("layer")]
+        new_modules = [m for m in modules if m not in self._coord_index("module")]
+        for dim, new in (("layer", new_layers), ("module", new_modules)):
+            for value in new:
+                self._append_coord(dim, value)
+        if k > self._group["angle_index"].shape[0]:
+            self._grow({"angle_index": k})
+            self._group["angle_index"][:] = np.arange(k)
+
+    def _create_arrays(self, n_layers: int, n_modules: int, k: int) -> None:
+        g = self._group
+        for dim, dtype, fill in (("run", str, ""), ("layer", np.int64, -2), ("module", str, "")):
+            g.create_array(dim, shape=(0,), chunks=(64,), dtype=dtype, fill_value=fill, dimension_names=[dim])
+        g.create_array(
+            "step", shape=(0,), chunks=(_STEP_BLOCK,), dtype=np.int64, fill_value=-1, dimension_names=["step"]
+        )
+        g.create_array(
+            "angle_index",
+            shape=(0,),
+            chunks=(max(k, 1),),
+            dtype=np.int64,
+            fill_value=0,
+            dimension_names=["angle_index"],
+        )
+        g.create_array(
+            "numel",
+            shape=(0, 0, 0),
+            chunks=(1, n_layers, n_modules),
+            dtype=np.int64,
+            fill_value=0,
+            dimension_names=["run", "layer", "module"],
+        )
+        for name in ("complete", "lock_ref"):
+            g.create_array(
+                name,
+                shape=(0, 0),
+                chunks=(1, 1),
+                dtype=np.int64,
+                fill_value=0 if name == "complete" else -1,
+                dimension_names=["run", "step"],
+            )
+        for name, dims in _DIMS.items():
+            chunks = (1, 1, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
+            g.create_array(
+                name,
+                shape=(0,) * len(dims),
+                chunks=chunks,
+                dtype=np.float32,
+                fill_value=np.nan,
+                dimension_names=list(dims),
+            )
+        self._grow({"angle_index": k})
+        g["angle_index"][:] = np.arange(k)
+
+    def _append_coord(self, dim: str, value) -> int:
+        i = self._group[dim].shape[0]
+        self._grow({dim: i + 1})
+        self._group[dim][i] = value
+        return i
+
+    def _grow(self, sizes: Mapping[str, int]) -> None:
+        marker = self.path / _GROW
+        _atomic_write(marker, json.dumps(dict(sizes)).encode())
+        self._finish_grow()
+
+    def _finish_grow(self) -> None:
+        marker = self.path / _GROW
+        if not marker.is_file():
+            return
+        sizes = json.loads(marker.read_text())
+        for _, arr in self._group.arrays():
+            dims = arr.metadata.dimension_names or ()
+            shape = tuple(max(sizes.get(d, n), n) for d, n in zip(dims, arr.shape, strict=True))
+            if shape != arr.shape:
+                arr.resize(shape)
+        marker.unlink()
+
+
+def write_step(
+    path: Path, run: int, slot: int, scalars: Mapping[str, np.ndarray], angles: Mapping[str, np.ndarray]
+) -> None:
+    """Write one (run, step) region and then mark it complete; safe to call from a Dask worker."""
+    g = zarr.open_group(path, mode="r+")
+    g["complete"][run, slot] = 0
+    for name, block in {**scalars, **angles}.items():
+        g[name][run, slot] = block
+    g["complete"][run, slot] = 1
+
+
+def write_lock_alignment(path: Path, run: int, slot: int, values: np.ndarray, ref_step: int) -> None:
+    """Write Sim_K to the final channel for one (run, step), then record which step it refers to."""
+    g = zarr.open_group(path, mode="r+")
+    g["lock_alignment"][run, slot] = values
+    g["lock_ref"][run, slot] = ref_step
+
+
+def _describe(run: Mapping) -> str:
+    return f"run_dir {run['run_dir']}, origin {run['origin']}, method {run['method']!r}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _acquire(lock: Path) -> None:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = {}, -1, ""
+            unreadable_and_old = pid <= 0 and _age(lock) > 2.0  # a writer died while writing the lock file
+            if unreadable_and_old or (pid > 0 and host == me["host"] and not _alive(pid)):
+                lock.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            if pid <= 0:
+                time.sleep(0.5)  # being written this instant
+                continue
+            raise StoreLockedError(
+                f"{lock.parent}: store is locked by PID {pid} on {host} since {holder.get('since', '?')}; if that "
+                f"process is gone, delete {lock}"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return
+    raise StoreLockedError(f"{lock.parent}: cannot take the store lock {lock}")
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
