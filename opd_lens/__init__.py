@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from . import checkpoints, diagnostics
 from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
 from .errors import OpdLensError
-from .store import Store, open_store
+from .store import Store, compute, open_store
+from .summary import summarize
 
 __all__ = [
     "Checkpoint",
@@ -17,8 +18,10 @@ __all__ = [
     "Store",
     "__version__",
     "checkpoints",
+    "compute",
     "diagnostics",
     "find_checkpoints",
     "open_checkpoint",
     "open_store",
+    "summarize",
 ]

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from . import __version__
 from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+from .diagnostics import Settings
 from .errors import OpdLensError
+from .store import Store, StoreError, open_store
+from .summary import summarize
 
 __all__ = ["main"]
 
@@ -27,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("opd-lens: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +47,37 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=Path, default=Path("opd-lens-demo"), help="working directory (default: %(default)s)"
     )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    comp = sub.add_parser("compute", help="compute a run's diagnostics into a store (only what is new)")
+    _run_args(comp)
+    comp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+    comp.add_argument(
+        "--endpoint",
+        default="last",
+        help="steps that also get principal angles and spectral shift: last, all, none or STEP,STEP,... "
+        "(default: %(default)s)",
+    )
+    comp.add_argument("--lock-k", type=int, help=f"K of Sim_K for a new store (default {Settings.lock_k})")
+    comp.add_argument(
+        "--angle-k", type=int, help=f"k of the principal angles for a new store (default {Settings.angle_k})"
+    )
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp.set_defaults(func=_compute)
+
+    summ = sub.add_parser("summary", help="print the paper-style table of a store, one row per run")
+    summ.add_argument("store", type=Path)
+    fmt = summ.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    fmt.add_argument("--json", action="store_true", help="JSON instead of a table")
+    summ.set_defaults(func=_summary)
+
+    watch = sub.add_parser("watch", help="follow a run that is still training: compute checkpoints as they land")
+    _run_args(watch)
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default: %(default)s)")
+    watch.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+    watch.set_defaults(func=_watch)
 
     ins = sub.add_parser("inspect", help="list the checkpoints of a run and the matrices opd_lens analyses")
     ins.add_argument("run_dir", type=Path, help="a run directory or a single checkpoint directory")
@@ -46,6 +85,67 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--include-globals", action="store_true", help="also analyse embeddings and lm_head")
     ins.set_defaults(func=_inspect)
     return p
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="the run's checkpoint directory")
+    p.add_argument("--origin", type=Path, required=True, help="the run's origin checkpoint W_0")
+    p.add_argument("--name", required=True, help="the run's name in the store")
+    p.add_argument("--method", help="method label, e.g. sft, opd, rlvr (default: the name)")
+    p.add_argument("--store", type=Path, required=True, help="the store directory (created if missing)")
+
+
+def _open(args: argparse.Namespace) -> Store:
+    given = {
+        k: v
+        for k, v in (("lock_k", getattr(args, "lock_k", None)), ("angle_k", getattr(args, "angle_k", None)))
+        if v is not None
+    }
+    store = open_store(args.store, Settings(**given) if not (args.store / "data.zarr").exists() else None)
+    for key, value in given.items():
+        if getattr(store.settings, key) != value:
+            raise StoreError(f"{args.store}: the store uses {key}={getattr(store.settings, key)}, not {value}")
+    store.add_run(args.name, args.run_dir, args.origin, args.method)
+    return store
+
+
+def _compute(args: argparse.Namespace) -> None:
+    store = _open(args)
+    report = store.compute(runs=[args.name], device=args.device, endpoint=args.endpoint, progress=not args.quiet)
+    done = "steps " + ", ".join(str(step) for _, step in report.steps) if report.steps else "nothing new"
+    print(f"{args.name}: computed {done}; {report.matrices_read} matrices read; store {args.store}")
+
+
+def _summary(args: argparse.Namespace) -> None:
+    table = summarize(open_store(args.store, create=False).dataset())
+    if args.csv:
+        print(table.to_csv(), end="")
+    elif args.json:
+        print(table.to_json(orient="index", indent=2))
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", None):
+            print(table.to_string(float_format=lambda x: f"{x:.4g}"))
+
+
+def _watch(args: argparse.Namespace) -> None:
+    store = _open(args)
+    print(
+        f"watching {args.run_dir} every {args.interval:g}s into {args.store} (Ctrl-C stops; the store stays consistent)"
+    )
+    try:
+        while True:
+            report = store.compute(runs=[args.name], device=args.device, progress=False)
+            if report.steps:
+                row = summarize(store.dataset()).loc[args.name]
+                steps = ", ".join(str(s) for _, s in report.steps)
+                print(
+                    f"{args.name}: step {steps} done; last step {row.last_step}: stable rank {row.stable_rank:.3g}, "
+                    f"Sim_K first->last {row.lock_alignment_first:.3f}",
+                    flush=True,
+                )
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        print("stopped; every completed step is in the store", file=sys.stderr)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -70,7 +170,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, progress=not args.quiet)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -24,14 +24,14 @@ from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, o
 from .errors import CheckpointWarning
 from .store import ANGLES, SCALARS, Store, StoreError, write_lock_alignment, write_step
 
-__all__ = ["ComputeReport", "compute", "resolve_device"]
+__all__ = ["ComputeReport", "compute_store", "resolve_device"]
 
 _STEP_SCALARS = tuple(name for name in SCALARS if name != "lock_alignment")
 
 
 @dataclass
 class ComputeReport:
-    """What one :func:`compute` call did."""
+    """What one :func:`compute_store` call did."""
 
     steps: list[tuple[str, int]] = field(default_factory=list)
     """(run, step) pairs computed."""
@@ -56,7 +56,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def compute(
+def compute_store(
     store: Store,
     *,
     runs: Sequence[str] | None = None,

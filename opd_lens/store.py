@@ -30,6 +30,7 @@ from .diagnostics import Settings
 from .errors import OpdLensError
 
 __all__ = [
+    "compute",
     "SCALARS",
     "ANGLES",
     "SCHEMA_VERSION",
@@ -73,14 +74,17 @@ class StoreLockedError(StoreError):
     """Another process is writing the store."""
 
 
-def open_store(path: str | os.PathLike, settings: Settings | None = None) -> Store:
-    """Open the store at ``path``, creating it (with ``settings``, default :class:`Settings`) if it does not exist.
+def open_store(path: str | os.PathLike, settings: Settings | None = None, *, create: bool = True) -> Store:
+    """Open the store at ``path``, creating it (with ``settings``, default :class:`Settings`) if it does not exist
+    and ``create`` is true.
 
     An existing store keeps the settings it was created with; passing different ones is an error, since values
     computed under different hyper-parameters cannot share one Dataset.
     """
     path = Path(path)
     if not (path / _DATA / "zarr.json").is_file():
+        if not create:
+            raise StoreError(f"{path}: no opd_lens store here")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an opd_lens store")
         group = zarr.open_group(path / _DATA, mode="w")
@@ -99,6 +103,26 @@ def open_store(path: str | os.PathLike, settings: Settings | None = None) -> Sto
             "settings"
         )
     return store
+
+
+def compute(
+    store: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    origin: str | os.PathLike,
+    name: str,
+    method: str | None = None,
+    settings: Settings | None = None,
+    **kwargs,
+) -> xr.Dataset:
+    """One call: open (or create) ``store``, register the run, compute what is new and return the Dataset.
+
+    ``kwargs`` go to :meth:`Store.compute` (``device``, ``endpoint``, ``client``, ``progress``).
+    """
+    s = open_store(store, settings)
+    s.add_run(name, run_dir, origin, method)
+    s.compute(**kwargs)
+    return s.dataset()
 
 
 class Store:
@@ -175,10 +199,10 @@ class Store:
     # --- compute and read ---------------------------------------------------------------------------------------
 
     def compute(self, **kwargs):
-        """Compute every checkpoint not yet stored; see :func:`opd_lens.engine.compute` for the arguments."""
-        from .engine import compute
+        """Compute every checkpoint not yet stored; see :func:`opd_lens.engine.compute_store` for the arguments."""
+        from .engine import compute_store
 
-        return compute(self, **kwargs)
+        return compute_store(self, **kwargs)
 
     def dataset(self) -> xr.Dataset:
         """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords."""

@@ -70,15 +70,20 @@ def test_skipped_checkpoint_is_one_warning_line(tmp_path):
     assert "1 checkpoint(s)" in res.stdout
 
 
-def test_demo_runs_and_reuses_its_run(tmp_path):
-    first = opd_lens("demo", "--out", str(tmp_path / "demo"))
+def test_demo_runs_and_reuses_its_work(tmp_path):
+    first = opd_lens("demo", "--out", str(tmp_path / "demo"), "--quiet")
     assert first.returncode == 0, first.stderr
-    assert "writing a synthetic run" in first.stdout
-    table = [line.split() for line in first.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(row[0]) for row in table] == [25, 50, 75, 100]
-    assert float(table[-1][5]) == pytest.approx(1.0)  # Sim_16 of the last step with itself
-    unchanged = [float(row[1]) for row in table]
-    assert unchanged == sorted(unchanged, reverse=True)  # a growing update changes more entries
-    second = opd_lens("demo", "--out", str(tmp_path / "demo"))
+    assert first.stdout.count("writing a synthetic run") == 2
+    assert "8 new checkpoint(s)" in first.stdout
+    table = [line.split() for line in first.stdout.splitlines() if line.startswith(("small", "large"))]
+    rows = {row[0]: row for row in table if row[1].isdigit()}
+    small, large = rows["small-update"], rows["large-update"]
+    assert small[1] == large[1] == "100"  # last step
+    assert float(small[2]) > float(large[2])  # a smaller update leaves more bf16 entries unchanged
+    assert float(small[4]) < float(large[4])  # ... and rotates the top singular subspace less
+    trajectory = [line for line in first.stdout.splitlines() if "Sim_16 to last" in line]
+    assert len(trajectory) == 2 and all(line.endswith("/1.00") for line in trajectory)
+    second = opd_lens("demo", "--out", str(tmp_path / "demo"), "--quiet")
     assert second.returncode == 0 and "writing" not in second.stdout
-    assert second.stdout.splitlines()[-5:] == first.stdout.splitlines()[-5:]
+    assert "0 new checkpoint(s), 0 matrices read" in second.stdout
+    assert second.stdout.splitlines()[1:] == first.stdout.splitlines()[3:]
