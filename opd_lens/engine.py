@@ -190,7 +190,7 @@ def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir) -> _Ma
     return _MatrixResult(
         scalars={name: getattr(d, name) for name in _STEP_SCALARS},
         angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
-        basis=d.lock_basis.to(torch.float32).cpu(),
+        basis=(d.lock_basis if d.update_fro > 0 else torch.full_like(d.lock_basis, math.nan)).to(torch.float32).cpu(),
         reads=reads + 2,
     )
 

@@ -209,7 +209,7 @@ class Store:
         runs = self.runs
         if not runs or "complete" not in self._group:
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
-        ds = xr.open_zarr(self.data_path, consolidated=False, chunks=None).load()
+        ds = self._open_raw()
         ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
         ds = ds.isel(
             run=np.flatnonzero(np.isin(ds.run.values, list(runs))),
@@ -240,6 +240,19 @@ class Store:
             "runs": runs,
         }
         return out
+
+    def _open_raw(self, attempts: int = 5) -> xr.Dataset:
+        """The raw arrays; retried while a writer is between resizing two arrays."""
+        for _ in range(attempts):
+            try:
+                return xr.open_zarr(self.data_path, consolidated=False, chunks=None).load()
+            except ValueError as e:  # conflicting dimension sizes
+                error = e
+                time.sleep(0.2)
+        raise StoreError(
+            f"{self.path}: arrays disagree in size ({error}); a writer was interrupted while growing the store: run "
+            "`opd-lens compute` (or Store.compute) on it once to repair"
+        )
 
     # --- writing (callers hold the writer lock) -----------------------------------------------------------------
 
