@@ -120,19 +120,16 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
 
 def _run_local(store, name, origin, tasks, factor_dir, device, client, progress):
     dev = resolve_device(device)
-    total = sum(len(refs) for _, refs, _, _ in tasks)
     run = store.run_index(name)
-    with tqdm(total=total, desc=name, unit="matrix", disable=not progress, dynamic_ncols=True) as bar:
-        for ckpt, refs, slot, is_end in tasks:
-            bar.set_postfix_str(f"step {ckpt.step}")
-            results = []
-            for ref in refs:
-                results.append(_matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir))
-                bar.update()
-            yield (
-                ckpt,
-                _write_task(store.data_path, store.grid(), run, slot, refs, results, store.run_cache(name), ckpt.step),
-            )
+    steps = tqdm(tasks, desc=f"{name} checkpoints", unit="ckpt", disable=not progress, dynamic_ncols=True)
+    for ckpt, refs, slot, is_end in steps:
+        steps.set_postfix_str(f"step {ckpt.step}")
+        matrices = tqdm(refs, desc=f"step {ckpt.step}", unit="matrix", leave=False, disable=not progress)
+        results = [_matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir) for ref in matrices]
+        yield (
+            ckpt,
+            _write_task(store.data_path, store.grid(), run, slot, refs, results, store.run_cache(name), ckpt.step),
+        )
 
 
 def _run_dask(store, name, origin, tasks, factor_dir, device, client, progress):

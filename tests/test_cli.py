@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import opd_lens as opd_lens_api
 from opd_lens.synthetic import write_planted_run
 
 
@@ -87,3 +90,50 @@ def test_demo_runs_and_reuses_its_work(tmp_path):
     assert second.returncode == 0 and "writing" not in second.stdout
     assert "0 new checkpoint(s), 0 matrices read" in second.stdout
     assert second.stdout.splitlines()[1:] == first.stdout.splitlines()[3:]
+
+
+def test_compute_then_summary(tmp_path, run):
+    origin, run_dir = run
+    store = tmp_path / "store"
+    args = ["compute", str(run_dir), "--origin", str(origin), "--name", "opd", "--method", "opd", "--store", str(store)]
+    first = opd_lens(*args, "--angle-k", "16", "--quiet")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("opd: computed steps 3, 6, 10;") and first.stderr == ""
+    second = opd_lens(*args)
+    assert second.returncode == 0 and "opd: computed nothing new; 0 matrices read" in second.stdout
+    mismatch = opd_lens(*args, "--lock-k", "8")
+    assert mismatch.returncode == 2 and "lock_k=16, not 8" in mismatch.stderr and mismatch.stderr.count("\n") == 1
+    table = json.loads(opd_lens("summary", str(store), "--json").stdout)
+    assert table["opd"]["method"] == "opd" and table["opd"]["last_step"] == 10 and table["opd"]["steps"] == 3
+    csv = opd_lens("summary", str(store), "--csv").stdout.splitlines()
+    assert csv[0].startswith("run,method,steps,first_step,last_step,unchanged_pct") and csv[1].startswith("opd,opd,3,")
+    text = opd_lens("summary", str(store)).stdout
+    assert "lock_alignment_first" in text.splitlines()[0] and text.splitlines()[-1].startswith("opd ")
+
+
+def test_watch_computes_new_checkpoints_and_stops_cleanly(tmp_path):
+    from opd_lens.checkpoints import checkpoint_path, open_checkpoint, save_checkpoint
+
+    origin, run_dir = write_planted_run(tmp_path / "live", steps=(1, 2))
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "opd_lens.cli", "watch", str(run_dir), "--origin", str(origin), "--name", "live"]
+    proc = subprocess.Popen(
+        [*cmd, "--store", str(store), "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().startswith("watching ")
+        assert proc.stdout.readline().startswith("live: step 1, 2 done; last step 2:")
+        last = open_checkpoint(checkpoint_path(run_dir, 2))
+        weights = {name: last.read(name) * 1.01 for name in last.tensors}
+        save_checkpoint(checkpoint_path(run_dir, 3), weights, step=3, config=last.config)
+        assert proc.stdout.readline().startswith("live: step 3 done; last step 3:")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped; every completed step is in the store" in err and "Traceback" not in err
+    assert not (store / ".lock").exists()
+    ds = opd_lens_api.open_store(store).dataset()
+    assert ds.step.values.tolist() == [1, 2, 3]
+    assert float(ds.lock_alignment.sel(run="live", step=3).mean()) == pytest.approx(1.0, abs=1e-6)
