@@ -11,6 +11,7 @@ mid-resize is repaired by the next one. ``STORE/cache/`` keeps the origin factor
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -204,12 +205,18 @@ class Store:
 
         return compute_store(self, **kwargs)
 
-    def dataset(self) -> xr.Dataset:
-        """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords."""
+    def dataset(self, lazy: bool | None = None) -> xr.Dataset:
+        """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords.
+
+        ``lazy`` (default: when dask is installed) keeps the variables as dask arrays read on demand, one
+        (run, step) chunk at a time, which large stores need; ``lazy=False`` loads everything into memory.
+        """
         runs = self.runs
         if not runs or "complete" not in self._group:
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
-        ds = self._open_raw()
+        if lazy is None:
+            lazy = importlib.util.find_spec("dask") is not None
+        ds = self._open_raw(lazy)
         ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
         ds = ds.isel(
             run=np.flatnonzero(np.isin(ds.run.values, list(runs))),
@@ -241,11 +248,13 @@ class Store:
         }
         return out
 
-    def _open_raw(self, attempts: int = 5) -> xr.Dataset:
+    def _open_raw(self, lazy: bool, attempts: int = 5) -> xr.Dataset:
         """The raw arrays; retried while a writer is between resizing two arrays."""
         for _ in range(attempts):
             try:
-                return xr.open_zarr(self.data_path, consolidated=False, chunks=None).load()
+                ds = xr.open_zarr(self.data_path, consolidated=False, chunks={} if lazy else None)
+                small = ["complete", "lock_ref", "numel"]
+                return ds.assign(ds[small].load()) if lazy else ds.load()
             except ValueError as e:  # conflicting dimension sizes
                 error = e
                 time.sleep(0.2)
