@@ -11,7 +11,6 @@ mid-resize is repaired by the next one. ``STORE/cache/`` keeps the origin factor
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -205,17 +204,16 @@ class Store:
 
         return compute_store(self, **kwargs)
 
-    def dataset(self, lazy: bool | None = None) -> xr.Dataset:
+    def dataset(self, lazy: bool = False) -> xr.Dataset:
         """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords.
 
-        ``lazy`` (default: when dask is installed) keeps the variables as dask arrays read on demand, one
-        (run, step) chunk at a time, which large stores need; ``lazy=False`` loads everything into memory.
+        By default a snapshot loaded into memory. ``lazy=True`` (needs dask) keeps the variables as dask arrays
+        read on demand, one (run, step) chunk at a time, for stores too large for memory; such a Dataset reads
+        whatever the store holds when it is computed, so take it while no compute is writing.
         """
         runs = self.runs
         if not runs or "complete" not in self._group:
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
-        if lazy is None:
-            lazy = importlib.util.find_spec("dask") is not None
         ds = self._open_raw(lazy)
         ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
         ds = ds.isel(
