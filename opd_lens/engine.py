@@ -100,7 +100,7 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
         recorded = spec["checkpoints"].get(str(c.step), {}).get("fingerprint")
         if c.step in done and recorded == c.fingerprint and bases.has(c.step):
             continue
-        if c.step in done and recorded != c.fingerprint:
+        if c.step in done and recorded is not None and recorded != c.fingerprint:
             warnings.warn(
                 f"{c.path}: changed since it was computed; recomputing step {c.step}", CheckpointWarning, stacklevel=3
             )
@@ -115,6 +115,8 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
             store.record_checkpoint(name, c.step, str(c.path), c.fingerprint)
             report.steps.append((name, c.step))
             report.matrices_read += reads
+        if max(store.completed_steps(name)) in {c.step for c in pending}:
+            store.invalidate_lock_alignment(name)  # a new (or rewritten) final channel
     report.lock_updates += _update_lock_alignment(store, name, bases)
 
 

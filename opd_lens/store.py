@@ -58,6 +58,8 @@ ANGLES = ("angles_u", "angles_v")
 """Angle profiles, dims (run, step, layer, module, angle_index)."""
 
 _DATA = "data.zarr"
+_UNSET = {"run": "", "layer": np.iinfo(np.int64).min, "module": ""}
+"""Fill value of a coordinate slot that was grown but not yet assigned."""
 _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
@@ -85,17 +87,16 @@ def open_store(path: str | os.PathLike, settings: Settings | None = None, *, cre
     if not (path / _DATA / "zarr.json").is_file():
         if not create:
             raise StoreError(f"{path}: no opd_lens store here")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        leftover = {_DATA, _LOCK}  # what a creation killed before writing zarr.json leaves
+        if path.exists() and (not path.is_dir() or any(p.name not in leftover for p in path.iterdir())):
             raise StoreError(f"{path}: exists and is not an opd_lens store")
-        group = zarr.open_group(path / _DATA, mode="w")
-        group.attrs.update(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "opd_lens_version": __version__,
-                "settings": (settings or Settings()).asdict(),
-                "runs": {},
-            }
-        )
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "opd_lens_version": __version__,
+            "settings": (settings or Settings()).asdict(),
+            "runs": {},
+        }
+        zarr.create_group(path / _DATA, attributes=attrs, overwrite=True)  # one atomic write of zarr.json
     store = Store(path)
     if settings is not None and settings != store.settings:
         raise StoreError(
@@ -214,11 +215,14 @@ class Store:
         runs = self.runs
         if not runs or "complete" not in self._group:
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
+        if not (self._group["complete"][:] == 1).any():
+            raise StoreError(f"{self.path}: no step has been computed yet (run compute)")
         ds = self._open_raw(lazy)
         ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
         ds = ds.isel(
             run=np.flatnonzero(np.isin(ds.run.values, list(runs))),
-            module=np.flatnonzero(ds.module.values != ""),
+            layer=np.flatnonzero(ds.layer.values != _UNSET["layer"]),
+            module=np.flatnonzero(ds.module.values != _UNSET["module"]),
             step=np.flatnonzero(ds.step.values >= 0),
         )
         complete = ds["complete"] == 1
@@ -306,6 +310,10 @@ class Store:
         self._group["step"][int(free[0])] = step
         return int(free[0])
 
+    def invalidate_lock_alignment(self, name: str) -> None:
+        """Mark every step's lock_alignment of run ``name`` stale (its final channel changed)."""
+        self._group["lock_ref"][self.run_index(name), :] = -1
+
     def cache_dir(self, *parts: str) -> Path:
         path = self.path.joinpath("cache", *parts)
         path.mkdir(parents=True, exist_ok=True)
@@ -325,76 +333,39 @@ class Store:
         self._group.attrs["runs"] = {**self.runs, **changes}
 
     def _coord_index(self, dim: str) -> dict:
+        """Value -> slot of the assigned slots of coordinate ``dim``."""
         values = self._group[dim][:]
-        empty = "" if values.dtype.kind in "OUT" else None
-        return {(str(v) if empty == "" else int(v)): i for i, v in enumerate(values) if v != empty}
+        cast = int if dim == "layer" else str
+        return {cast(v): i for i, v in enumerate(values) if v != _UNSET[dim]}
+
+    def _append_coord(self, dim: str, value) -> int:
+        """The slot of ``value`` in coordinate ``dim``, assigning a free slot (or a new one) if it has none."""
+        if (i := self._coord_index(dim).get(value)) is not None:
+            return i
+        free = np.flatnonzero(self._group[dim][:] == _UNSET[dim])  # grown by a writer killed before naming it
+        i = int(free[0]) if free.size else self._group[dim].shape[0]
+        if not free.size:
+            self._grow({dim: i + 1})
+        self._group[dim][i] = value
+        return i
 
     def _ensure_arrays(self, refs) -> None:
-        """Create the arrays on first use and grow the (layer, module, angle_index) grid to hold ``refs``."""
+        """Create missing arrays and grow the (layer, module, angle_index) grid to hold ``refs``; idempotent, so a
+        writer killed half-way is completed by the next."""
         k = min(self.settings.angle_k, max(min(r.shape) for r in refs))
         layers = sorted({r.layer for r in refs})
         modules = sorted({r.module for r in refs}, key=natural_key)
-        if "complete" not in self._group:
-            self._create_arrays(len(layers), len(modules), k)
-        new_layers = [x for x in layers if x not in self._coord_index("layer")]
-        new_modules = [m for m in modules if m not in self._coord_index("module")]
-        for dim, new in (("layer", new_layers), ("module", new_modules)):
-            for value in new:
-                self._append_coord(dim, value)
+        for name, spec in _array_specs(len(layers), len(modules), k).items():
+            if name not in self._group:
+                dims = spec.pop("dims")
+                self._group.create_array(name, shape=(0,) * len(dims), dimension_names=list(dims), **spec)
+        for value in layers:
+            self._append_coord("layer", value)
+        for value in modules:
+            self._append_coord("module", value)
         if k > self._group["angle_index"].shape[0]:
             self._grow({"angle_index": k})
-            self._group["angle_index"][:] = np.arange(k)
-
-    def _create_arrays(self, n_layers: int, n_modules: int, k: int) -> None:
-        g = self._group
-        for dim, dtype, fill in (("run", str, ""), ("layer", np.int64, -2), ("module", str, "")):
-            g.create_array(dim, shape=(0,), chunks=(64,), dtype=dtype, fill_value=fill, dimension_names=[dim])
-        g.create_array(
-            "step", shape=(0,), chunks=(_STEP_BLOCK,), dtype=np.int64, fill_value=-1, dimension_names=["step"]
-        )
-        g.create_array(
-            "angle_index",
-            shape=(0,),
-            chunks=(max(k, 1),),
-            dtype=np.int64,
-            fill_value=0,
-            dimension_names=["angle_index"],
-        )
-        g.create_array(
-            "numel",
-            shape=(0, 0, 0),
-            chunks=(1, n_layers, n_modules),
-            dtype=np.int64,
-            fill_value=0,
-            dimension_names=["run", "layer", "module"],
-        )
-        for name in ("complete", "lock_ref"):
-            g.create_array(
-                name,
-                shape=(0, 0),
-                chunks=(1, 1),
-                dtype=np.int64,
-                fill_value=0 if name == "complete" else -1,
-                dimension_names=["run", "step"],
-            )
-        for name, dims in _DIMS.items():
-            chunks = (1, 1, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
-            g.create_array(
-                name,
-                shape=(0,) * len(dims),
-                chunks=chunks,
-                dtype=np.float32,
-                fill_value=np.nan,
-                dimension_names=list(dims),
-            )
-        self._grow({"angle_index": k})
-        g["angle_index"][:] = np.arange(k)
-
-    def _append_coord(self, dim: str, value) -> int:
-        i = self._group[dim].shape[0]
-        self._grow({dim: i + 1})
-        self._group[dim][i] = value
-        return i
+        self._group["angle_index"][:] = np.arange(self._group["angle_index"].shape[0])
 
     def _grow(self, sizes: Mapping[str, int]) -> None:
         marker = self.path / _GROW
@@ -414,12 +385,37 @@ class Store:
         marker.unlink()
 
 
+def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
+    """Every array of the store (``complete`` last: its presence means all exist), with chunks for this grid."""
+    coord = {"chunks": (64,)}
+    specs = {
+        "run": {**coord, "dims": ("run",), "dtype": str, "fill_value": _UNSET["run"]},
+        "layer": {**coord, "dims": ("layer",), "dtype": np.int64, "fill_value": _UNSET["layer"]},
+        "module": {**coord, "dims": ("module",), "dtype": str, "fill_value": _UNSET["module"]},
+        "step": {"dims": ("step",), "chunks": (_STEP_BLOCK,), "dtype": np.int64, "fill_value": -1},
+        "angle_index": {"dims": ("angle_index",), "chunks": (max(k, 1),), "dtype": np.int64, "fill_value": 0},
+        "numel": {
+            "dims": ("run", "layer", "module"),
+            "chunks": (1, n_layers, n_modules),
+            "dtype": np.int64,
+            "fill_value": 0,
+        },
+        "lock_ref": {"dims": ("run", "step"), "chunks": (1, 1), "dtype": np.int64, "fill_value": -1},
+    }
+    for name, dims in _DIMS.items():
+        chunks = (1, 1, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
+        specs[name] = {"dims": dims, "chunks": chunks, "dtype": np.float32, "fill_value": np.nan}
+    specs["complete"] = {"dims": ("run", "step"), "chunks": (1, 1), "dtype": np.int64, "fill_value": 0}
+    return specs
+
+
 def write_step(
     path: Path, run: int, slot: int, scalars: Mapping[str, np.ndarray], angles: Mapping[str, np.ndarray]
 ) -> None:
     """Write one (run, step) region and then mark it complete; safe to call from a Dask worker."""
     g = zarr.open_group(path, mode="r+")
     g["complete"][run, slot] = 0
+    g["lock_ref"][run, slot] = -1  # its lock_alignment is computed afterwards, against the run's last step
     for name, block in {**scalars, **angles}.items():
         g[name][run, slot] = block
     g["complete"][run, slot] = 1
