@@ -107,6 +107,8 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
         pending.append(c)
     ends = _endpoint_steps(endpoint, [c.step for c in ckpts])
     if pending:
+        if max({*done, *(c.step for c in pending)}) in {c.step for c in pending}:
+            store.invalidate_lock_alignment(name)  # a new (or rewritten) final channel; before any write
         refs = {c.step: matched_matrices(origin, c, spec["include_globals"]) for c in pending}
         factors = store.cache_dir("origin", f"{origin.fingerprint[:16]}-{_settings_key(store.settings)}")
         tasks = [(c, refs[c.step], store.step_slot(c.step), c.step in ends) for c in pending]
@@ -115,8 +117,6 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
             store.record_checkpoint(name, c.step, str(c.path), c.fingerprint)
             report.steps.append((name, c.step))
             report.matrices_read += reads
-        if max(store.completed_steps(name)) in {c.step for c in pending}:
-            store.invalidate_lock_alignment(name)  # a new (or rewritten) final channel
     report.lock_updates += _update_lock_alignment(store, name, bases)
 
 
