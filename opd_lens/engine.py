@@ -73,9 +73,12 @@ def compute_store(
     to the final channel V_K(last)) is recomputed for all of that run's steps from cached bases.
 
     ``endpoint`` chooses the steps that also get principal angles and the spectral shift: ``"last"`` (each run's
-    last checkpoint), ``"all"``, ``"none"`` or a list of steps. ``client`` (a ``dask.distributed.Client``) runs
-    one task per matrix on the cluster and one write task per (run, step) region; workers must see the store and
-    checkpoint paths. ``device="auto"`` uses CUDA when available.
+    last checkpoint), ``"all"``, ``"none"`` or a list of steps. Stored steps that lack them are recomputed;
+    angles already stored are kept (so a step that was last when computed keeps its angles).
+
+    ``client`` (a ``dask.distributed.Client``) runs one task per matrix on the cluster and one write task per
+    (run, step) region; workers must see the store and checkpoint paths. ``device="auto"`` uses CUDA when
+    available.
     """
     report = ComputeReport()
     names = list(store.runs) if runs is None else list(runs)
@@ -95,17 +98,18 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
     ckpts = find_checkpoints(spec["run_dir"])
     done = store.completed_steps(name)
     bases = _BasesCache(store.run_cache(name))
+    ends = _endpoint_steps(endpoint, [c.step for c in ckpts])
+    missing_angles = ends - store.endpoint_steps(name)
     pending = []
     for c in ckpts:
         recorded = spec["checkpoints"].get(str(c.step), {}).get("fingerprint")
-        if c.step in done and recorded == c.fingerprint and bases.has(c.step):
+        if c.step in done and recorded == c.fingerprint and bases.has(c.step) and c.step not in missing_angles:
             continue
         if c.step in done and recorded is not None and recorded != c.fingerprint:
             warnings.warn(
                 f"{c.path}: changed since it was computed; recomputing step {c.step}", CheckpointWarning, stacklevel=3
             )
         pending.append(c)
-    ends = _endpoint_steps(endpoint, [c.step for c in ckpts])
     if pending:
         if max({*done, *(c.step for c in pending)}) in {c.step for c in pending}:
             store.invalidate_lock_alignment(name)  # a new (or rewritten) final channel; before any write

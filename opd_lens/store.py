@@ -116,13 +116,13 @@ def compute(
     settings: Settings | None = None,
     **kwargs,
 ) -> xr.Dataset:
-    """One call: open (or create) ``store``, register the run, compute what is new and return the Dataset.
+    """One call: open (or create) ``store``, register the run, compute what is new of it and return the Dataset.
 
     ``kwargs`` go to :meth:`Store.compute` (``device``, ``endpoint``, ``client``, ``progress``).
     """
     s = open_store(store, settings)
     s.add_run(name, run_dir, origin, method)
-    s.compute(**kwargs)
+    s.compute(runs=[name], **kwargs)
     return s.dataset()
 
 
@@ -296,6 +296,13 @@ class Store:
         done = self._group["complete"][r, :] == 1
         refs = self._group["lock_ref"][r, :]
         return {int(s): int(ref) for s, d, ref in zip(steps, done, refs, strict=True) if d and s >= 0}
+
+    def endpoint_steps(self, name: str) -> set[int]:
+        """The completed steps of run ``name`` that hold principal angles."""
+        r = self.run_index(name)
+        steps = self._group["step"][:]
+        has = ~np.isnan(self._group["max_angle_v"][r]).all(axis=(-2, -1))
+        return {int(s) for s, h in zip(steps, has, strict=True) if h and s >= 0} & set(self.completed_steps(name))
 
     def step_slot(self, step: int) -> int:
         """The slot of ``step`` along the step dimension, allocating one (in blocks) if it is new."""
