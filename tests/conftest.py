@@ -120,3 +120,12 @@ def write_trainer_state(path: Path, step: int) -> None:
 @pytest.fixture
 def tiny_qwen3() -> dict[str, torch.Tensor]:
     return qwen3_state_dict()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices run many times faster on one intra-op thread than on several on a small, shared CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -70,13 +70,7 @@ with store.writer():
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These matrices are tiny: one intra-op thread is many times faster than several on a small CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- runs on disk ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 import opd_lens
@@ -46,12 +45,7 @@ STEP_VARIABLES = (
 """Every variable but lock_alignment, which refers to the last step computed so far."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_runs(root: Path, hidden: tuple[int, ...], steps: tuple[int, ...]) -> dict[str, tuple[str, str]]:
