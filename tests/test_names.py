@@ -702,3 +702,11 @@ def test_experts_sort_numerically():
     shapes = {f"model.layers.0.mlp.experts.{e}.down_proj.weight": (8, 4) for e in (10, 2, 1)}
     plan = plan_matrices(shapes, {})
     assert [m.module for m in plan.matrices] == [f"mlp.experts.{e}.down_proj" for e in (1, 2, 10)]
+
+
+def test_qkv_sizes_from_a_multimodal_text_config():
+    config = {"model_type": "llava", "text_config": {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 4}}
+    shapes = {"language_model.model.layers.0.self_attn.qkv_proj.weight": (4 * 4 + 2 * 4, 16)}
+    plan = plan_matrices(shapes, config)
+    rows = {m.module: m.rows for m in plan.matrices}
+    assert rows == {"self_attn.q_proj": (0, 16), "self_attn.k_proj": (16, 20), "self_attn.v_proj": (20, 24)}

@@ -163,7 +163,9 @@ def _qkv_sizes(rows: int, hidden: int, config: Mapping, name: str) -> tuple[int,
 
 
 def _positive_int(config: Mapping, key: str) -> int | None:
-    value = config.get(key)
+    """``config[key]`` if it is a positive int; multimodal configs keep the language model's in ``text_config``."""
+    text = config.get("text_config")
+    value = config.get(key, text.get(key) if isinstance(text, Mapping) else None)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
