@@ -131,6 +131,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._locked = False
         self.data_path = self.path / _DATA
         """The zarr group; ``xr.open_zarr(store.data_path)`` shows the raw arrays (uncommitted slots included)."""
         try:
@@ -270,7 +271,7 @@ class Store:
     @contextmanager
     def writer(self) -> Iterator[Store]:
         """Hold the store's writer lock (re-entrant within this object); repair an interrupted resize on entry."""
-        if getattr(self, "_locked", False):
+        if self._locked:
             yield self
             return
         _acquire(self.path / _LOCK)
