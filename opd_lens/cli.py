@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--angle-k", type=int, help=f"k of the principal angles for a new store (default {Settings.angle_k})"
     )
+    comp.add_argument(
+        "--exact",
+        action="store_true",
+        default=None,
+        help="a new store computes the trajectory spectra by full float64 SVDs instead of block Krylov",
+    )
     comp.add_argument("--quiet", action="store_true", help="no progress bars")
     comp.set_defaults(func=_compute)
 
@@ -96,11 +102,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> Store:
-    given = {
-        k: v
-        for k, v in (("lock_k", getattr(args, "lock_k", None)), ("angle_k", getattr(args, "angle_k", None)))
-        if v is not None
-    }
+    given = {k: v for k in ("lock_k", "angle_k", "exact") if (v := getattr(args, k, None)) is not None}
     store = open_store(args.store, Settings(**given) if not (args.store / "data.zarr").exists() else None)
     for key, value in given.items():
         if getattr(store.settings, key) != value:

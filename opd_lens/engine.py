@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,12 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
-from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, origin_factors, sim_k
+from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, origin_factors, sim_k, svd64
 from .errors import CheckpointWarning
 from .store import ANGLES, SCALARS, Store, StoreError, write_lock_alignment, write_step
 
@@ -130,8 +132,14 @@ def _run_local(store, name, origin, tasks, factor_dir, device, client, progress)
     steps = tqdm(tasks, desc=f"{name} checkpoints", unit="ckpt", disable=not progress, dynamic_ncols=True)
     for ckpt, refs, slot, is_end in steps:
         steps.set_postfix_str(f"step {ckpt.step}")
+        batched = {}
+        if is_end and dev.type == "cuda":
+            batched = batched_factors(ckpt, refs, store.settings.angle_k, dev)
         matrices = tqdm(refs, desc=f"step {ckpt.step}", unit="matrix", leave=False, disable=not progress)
-        results = [_matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir) for ref in matrices]
+        results = [
+            _matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir, batched.get(_key(ref)))
+            for ref in matrices
+        ]
         yield (
             ckpt,
             _write_task(store.data_path, store.grid(), run, slot, refs, results, store.run_cache(name), ckpt.step),
@@ -181,15 +189,36 @@ def _run_dask(store, name, origin, tasks, factor_dir, device, client, progress):
 
 def _factor_task(origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_dir: Path, device) -> int:
     """Compute and cache one matrix's origin factors; returns the number of matrices read."""
-    return _load_factors(origin, ref, settings, factor_dir, resolve_device(device))[1]
+    return _load_factors(origin, ref, settings, factor_dir, resolve_device(device), with_svd=False)[1]
 
 
-def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir) -> _MatrixResult:
+def batched_factors(
+    ckpt: Checkpoint, refs: Sequence[MatrixRef], k: int, device, budget_bytes: int = 2**30
+) -> dict[str, Factors]:
+    """Float64 SVDs of a checkpoint's matrices for the endpoint metrics, batching matrices of equal shape.
+
+    Matrices of one shape (the same module across layers) go through one batched ``torch.linalg.svd`` call per
+    chunk of at most ``budget_bytes`` of float64 input, which keeps a GPU busy; keys are ``layer|module``.
+    """
+    groups: dict[tuple[int, ...], list[MatrixRef]] = defaultdict(list)
+    for ref in refs:
+        groups[tuple(ref.shape)].append(ref)
+    out = {}
+    for shape, group in groups.items():
+        per_chunk = max(1, budget_bytes // (8 * math.prod(shape)))
+        for i in range(0, len(group), per_chunk):
+            chunk = group[i : i + per_chunk]
+            f = svd64(torch.stack([ckpt.read_matrix(r).to(device) for r in chunk]), k)
+            out |= {_key(r): Factors(f.u[j], f.s[j], f.vh[j]) for j, r in enumerate(chunk)}
+    return out
+
+
+def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir, factors_t=None) -> _MatrixResult:
     dev = resolve_device(device)
-    factors, reads = _load_factors(origin, ref, settings, factor_dir, dev)
+    factors, reads = _load_factors(origin, ref, settings, factor_dir, dev, with_svd=is_end)
     w0 = origin.read_matrix(ref).to(dev)
     wt = ckpt.read_matrix(ref).to(dev)
-    d = matrix_diagnostics(w0, wt, settings, factors, endpoint=is_end)
+    d = matrix_diagnostics(w0, wt, settings, factors, endpoint=is_end, factors_t=factors_t)
     return _MatrixResult(
         scalars={name: getattr(d, name) for name in _STEP_SCALARS},
         angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
@@ -238,15 +267,19 @@ def _update_lock_alignment(store: Store, name: str, bases: _BasesCache) -> int:
 
 
 def _load_factors(
-    origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_dir: Path, device
+    origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_dir: Path, device, with_svd: bool = True
 ) -> tuple[OriginFactors, int]:
-    """The origin factors of one matrix from the cache, computing and caching them on first use."""
+    """The origin factors of one matrix from the cache, computing and caching them on first use.
+
+    ``with_svd=False`` reads only the masks from a cached file (all that steps without endpoint metrics need).
+    """
     file = Path(factor_dir) / f"{quote(_key(ref), safe='')}.safetensors"
     if file.is_file():
-        t = load_file(file, device=str(device))
-        shape = tuple(int(d) for d in t["shape"].tolist())
-        masks = (_unpack(t[name], shape).to(device) for name in ("principal_mask", "lowmag_mask"))
-        return OriginFactors(Factors(t["u"], t["s"], t["vh"]), *masks), 0
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            shape = tuple(int(d) for d in f.get_tensor("shape").tolist())
+            masks = (_unpack(f.get_tensor(name), shape).to(device) for name in ("principal_mask", "lowmag_mask"))
+            svd = Factors(*(f.get_tensor(name) for name in ("u", "s", "vh"))) if with_svd else None
+            return OriginFactors(svd, *masks), 0
     w0 = origin.read_matrix(ref).to(device)
     of = origin_factors(w0, settings)
     tensors = {

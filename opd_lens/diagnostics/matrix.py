@@ -1,4 +1,9 @@
-"""Every diagnostic of one weight matrix at one checkpoint, computed exactly in float64."""
+"""Every diagnostic of one weight matrix at one checkpoint.
+
+Endpoint spectra (angles, spectral shift) and W_0's factors are always exact float64 SVDs. The trajectory spectra
+of ΔW_t (stable rank, Hill α, V_K) come from :func:`~opd_lens.diagnostics.krylov.top_spectrum` by default, or
+from a full float64 SVD with ``Settings(exact=True)``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .krylov import top_spectrum
 from .linalg import Factors, svd64
 from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, mask_overlap, principal_mask
 from .spectral import ANGLE_K, principal_angles, spectral_shift
@@ -25,6 +31,8 @@ class Settings:
     angle_k: int = ANGLE_K
     lock_k: int = LOCK_K
     hill_k: int = HILL_K
+    exact: bool = False
+    """Trajectory spectra of ΔW_t by full float64 SVD instead of the (default) block Krylov fast path."""
 
     def asdict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -34,8 +42,9 @@ class Settings:
 class OriginFactors:
     """What the diagnostics need from W_0, computed once per matrix and reused for every checkpoint."""
 
-    factors: Factors
-    """SVD of W_0 (float64) with max(angle_k, mask_rank) singular vectors and the full spectrum."""
+    factors: Factors | None
+    """SVD of W_0 (float64) with max(angle_k, mask_rank) singular vectors and the full spectrum; ``None`` when
+    only the masks were loaded (enough for steps without endpoint metrics)."""
     principal_mask: torch.Tensor
     lowmag_mask: torch.Tensor
 
@@ -76,30 +85,36 @@ def matrix_diagnostics(
     settings: Settings = Settings(),
     origin: OriginFactors | None = None,
     endpoint: bool = True,
+    factors_t: Factors | None = None,
 ) -> MatrixDiagnostics:
-    """All diagnostics of W_t against W_0 for one m×n matrix, exactly (full float64 SVDs).
+    """All diagnostics of W_t against W_0 for one m×n matrix.
 
     ``origin`` reuses :func:`origin_factors` of ``w0``; ``endpoint=False`` skips the SVD of W_t, leaving the
-    angles and the spectral shift NaN.
+    angles and the spectral shift NaN; ``factors_t`` passes an SVD of W_t already computed (with at least
+    ``angle_k`` vectors and the full spectrum).
     """
     if w0.shape != wt.shape or w0.ndim != 2:
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
     o = origin if origin is not None else origin_factors(w0, settings)
     upd = update_mask(w0, wt, settings.eta)
     dw = wt.to(torch.float64) - w0.to(torch.float64)
-    fd = svd64(dw, settings.lock_k)
+    fro = update_fro(dw)
+    k = max(settings.lock_k, settings.hill_k)
+    top = top_spectrum(dw, k, exact=settings.exact)
     nan = float("nan")
     angles_u = angles_v = torch.empty(0, dtype=torch.float64, device=w0.device)
     shift = nan
     if endpoint:
-        ft = svd64(wt, settings.angle_k)
+        if o.factors is None:
+            raise ValueError("endpoint metrics need the origin's SVD; pass OriginFactors with factors")
+        ft = factors_t if factors_t is not None else svd64(wt, settings.angle_k)
         angles_u, angles_v = principal_angles(w0, wt, settings.angle_k, o.factors, ft)
         shift = float(spectral_shift(o.factors.s, ft.s))
     return MatrixDiagnostics(
         unchanged_frac=1.0 - float(upd.sum()) / upd.numel(),
-        update_fro=float(update_fro(dw)),
-        stable_rank=float(stable_rank(fd.s)),
-        hill_alpha=float(hill_alpha(fd.s, settings.hill_k)),
+        update_fro=float(fro),
+        stable_rank=float(stable_rank(top.s, fro)),
+        hill_alpha=float(hill_alpha(top.s, settings.hill_k, top.rtol)),
         principal_overlap=float(mask_overlap(o.principal_mask, upd)),
         lowmag_overlap=float(mask_overlap(o.lowmag_mask, upd)),
         max_angle_u=float(angles_u.max()) if angles_u.numel() else nan,
@@ -107,5 +122,5 @@ def matrix_diagnostics(
         spectral_shift=shift,
         angles_u=angles_u,
         angles_v=angles_v,
-        lock_basis=fd.vh.mT,
+        lock_basis=top.v[:, : settings.lock_k],
     )

@@ -27,11 +27,12 @@ def stable_rank(s: torch.Tensor, fro: torch.Tensor | float | None = None) -> tor
     return fro2 / s[..., 0] ** 2
 
 
-def hill_alpha(s: torch.Tensor, k: int = HILL_K) -> torch.Tensor:
+def hill_alpha(s: torch.Tensor, k: int = HILL_K, rtol: float | None = None) -> torch.Tensor:
     """Hill tail index α̂ = [ (1/(k−1)) Σ_{i<k} log(σ_i/σ_k) ]⁻¹ over the top-k singular values σ_1 ≥ … ≥ σ_k.
 
-    k is capped at the number of singular values (and must be ≥ 2). NaN when σ_k is numerically zero
-    (σ_k ≤ σ_1·len(s)·ε, i.e. the update has rank < k and has no tail to estimate); +inf when σ_1 = σ_k.
+    k is capped at the number of singular values (and must be ≥ 2). NaN when σ_k is numerically zero,
+    σ_k ≤ ``rtol``·σ_1 (default len(s)·ε of float64: the update has rank < k and no tail to estimate); +inf when
+    σ_1 = σ_k.
     """
     if k < 2:
         raise ValueError(f"hill k must be >= 2, got {k}")
@@ -40,7 +41,8 @@ def hill_alpha(s: torch.Tensor, k: int = HILL_K) -> torch.Tensor:
     top, sk = s[..., : k - 1], s[..., k - 1 : k]
     mean_log = torch.log(top / sk).sum(-1) / (k - 1)
     alpha = 1.0 / mean_log
-    tiny = sk[..., 0] <= s[..., 0] * s.shape[-1] * torch.finfo(s.dtype).eps
+    rtol = s.shape[-1] * torch.finfo(s.dtype).eps if rtol is None else rtol
+    tiny = sk[..., 0] <= s[..., 0] * rtol
     return torch.where(tiny, torch.full_like(alpha, float("nan")), alpha)
 
 

@@ -1,0 +1,203 @@
+"""Benchmark: opd_lens's compute path against the read floor and naive float64 references.
+
+    python bench/run.py                      # hidden 1024, intermediate 3072, 8 layers, 6 checkpoints, bf16
+    python bench/run.py --layers 2 --checkpoints 3 --hidden 512 --intermediate 1536     # a quick look
+
+Builds a synthetic Qwen3-shaped run (planted low-rank + sparse ΔW) and measures, in ONE process so that ratios
+are comparable on a noisy machine:
+
+per checkpoint, trajectory metrics (what grows with the number of checkpoints)
+    (a) the read floor: stream every analysed matrix of W_0 and W_t from safetensors, form ΔW in float32;
+    (b) opd_lens, default settings, no endpoint metrics (W_0's factors already cached);
+    (d) naive: a full float64 SVD of ΔW per matrix (stable rank, Hill α, V_16) plus the elementwise metrics;
+endpoint metrics at every checkpoint
+    (c) opd_lens ``endpoint="all"`` (W_0's factors already cached);
+    (e) naive pair script called per checkpoint: full float64 SVDs of W_0, W_t and ΔW, masks, angles, shift;
+and the peak RSS of a whole compute (``endpoint="last"``) over 4 vs 8 layers, each in a fresh process.
+Targets on a 2-core CPU: b/a ≤ 3, d/b ≥ 10, e/c ≥ 2, RSS growth < 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import opd_lens
+from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+from opd_lens.diagnostics import Factors, Settings, hill_alpha, lowmag_mask, principal_mask, stable_rank, update_mask
+from opd_lens.synthetic import qwen3_config, write_planted_run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=3072)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--checkpoints", type=int, default=6)
+    p.add_argument("--rank", type=int, default=4, help="rank of the planted update (default: %(default)s)")
+    p.add_argument("--density", type=float, default=0.3, help="density of its sparse part (default: %(default)s)")
+    p.add_argument("--reference-checkpoints", type=int, default=1, help="checkpoints timed for (d), (e) and (c)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/opd-lens-bench"), help="where runs and stores go")
+    p.add_argument("--skip-rss", action="store_true", help="skip the 4-vs-8-layer peak RSS measurement")
+    p.add_argument("--rss-probe", nargs=3, metavar=("ORIGIN", "RUN", "STORE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_probe:
+        return _rss_probe(*map(Path, args.rss_probe))
+
+    origin, run = _build(args, args.layers)
+    ckpts = find_checkpoints(run)
+    o = open_checkpoint(origin)
+    refs = matched_matrices(o, ckpts[0])
+    n_ref = min(args.reference_checkpoints, len(ckpts))
+    params = sum(math.prod(r.shape) for r in refs) / 1e6
+    print(
+        f"run: {len(refs)} matrices, {params:.1f} M parameters per checkpoint, {len(ckpts)} checkpoints; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
+
+    settings = Settings()
+    warm = args.work / "warm-store"  # holds W_0's factors, computed once per run and timed here
+    shutil.rmtree(warm, ignore_errors=True)
+    origin_s = _timed(lambda: opd_lens.compute(warm, run, origin=origin, name="r", endpoint="none", progress=False))
+    a = _timed(lambda: [_read_floor(o, c, refs) for c in ckpts]) / len(ckpts)
+    b = _opd_lens(args.work / "b", run, origin, warm, "none") / len(ckpts)
+    d = _timed(lambda: [_naive_trajectory(o, c, refs, settings) for c in ckpts[:n_ref]]) / n_ref
+    subset = _subset(run, ckpts[:n_ref], args.work / "subset")
+    c = _opd_lens(args.work / "c", subset, origin, warm, "all") / n_ref
+    e = _timed(lambda: [_naive_pair(o, c, refs, settings) for c in ckpts[:n_ref]]) / n_ref
+    rows = [
+        ("per checkpoint, trajectory metrics", None, None),
+        ("(a) read floor: stream W_0 and W_t, form ΔW in fp32", a, None),
+        ("(b) opd_lens default trajectory metrics", b, f"b/a = {b / a:5.1f}  (target ≤ 3)"),
+        ("(d) naive: full float64 SVD of ΔW per matrix", d, f"d/b = {d / b:5.1f}  (target ≥ 10)"),
+        ("endpoint metrics at every checkpoint", None, None),
+        ("(c) opd_lens endpoint='all'", c, None),
+        ("(e) naive pair script, re-factorises W_0", e, f"e/c = {e / c:5.1f}  (target ≥ 2)"),
+        ("once per run", None, None),
+        ("opd_lens: W_0's SVD and masks, cached in the store", origin_s - b * len(ckpts), None),
+    ]
+    for label, seconds, ratio in rows:
+        if seconds is None:
+            print(f"\n{label}")
+        else:
+            print(f"  {label:<52s} {seconds:8.2f} s   {ratio or ''}")
+    if not args.skip_rss:
+        small, large = (_peak_rss(args, layers) for layers in (max(1, args.layers // 2), args.layers))
+        print(
+            f"\npeak RSS of a compute: {args.layers // 2} layers {small:.0f} MiB, {args.layers} layers "
+            f"{large:.0f} MiB: {100 * (large / small - 1):+.1f}%  (target < +15%)"
+        )
+
+
+def _build(args, layers: int) -> tuple[Path, Path]:
+    """Write (once) the synthetic run for these sizes; returns (origin, run_dir)."""
+    key = f"h{args.hidden}-i{args.intermediate}-L{layers}-c{args.checkpoints}-r{args.rank}-d{args.density}"
+    out = args.work / key
+    if not (out / "done").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        config = qwen3_config(layers, args.hidden, args.intermediate, args.heads, args.kv_heads)
+        steps = [10 * (i + 1) for i in range(args.checkpoints)]
+        write_planted_run(out, config=config, steps=steps, rank=args.rank, density=args.density)
+        (out / "done").touch()
+    return out / "origin", out / "run"
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str) -> float:
+    """Seconds of an opd_lens compute into a fresh store that starts with W_0's factors cached."""
+    shutil.rmtree(store, ignore_errors=True)
+    opd_lens.open_store(store)
+    shutil.copytree(warm / "cache" / "origin", store / "cache" / "origin", dirs_exist_ok=True)
+    return _timed(lambda: opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, progress=False))
+
+
+def _subset(run: Path, ckpts, out: Path) -> Path:
+    """A run directory holding links to some checkpoints of ``run``."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for c in ckpts:
+        (out / c.path.name).symlink_to(c.path.resolve(), target_is_directory=True)
+    return out
+
+
+def _read_floor(o, c, refs) -> None:
+    for r in refs:
+        c.read_matrix(r).float() - o.read_matrix(r).float()
+
+
+def _naive_trajectory(o, c, refs, s: Settings) -> list:
+    """Trajectory metrics the plain way: a full float64 SVD of ΔW per matrix."""
+    out = []
+    for r in refs:
+        w0, wt = o.read_matrix(r), c.read_matrix(r)
+        dw = wt.double() - w0.double()
+        _, sv, vh = torch.linalg.svd(dw, full_matrices=False)
+        upd = update_mask(w0, wt, s.eta)
+        out.append(
+            (float(upd.float().mean()), float(dw.norm()), float(stable_rank(sv)), float(hill_alpha(sv, s.hill_k)))
+        )
+        out.append(vh[: s.lock_k])
+    return out
+
+
+def _naive_pair(o, c, refs, s: Settings) -> list:
+    """Everything for one (W_0, W_t) pair, the way a one-off script called per checkpoint computes it."""
+    out = []
+    for r in refs:
+        w0, wt = o.read_matrix(r), c.read_matrix(r)
+        u0, s0, vh0 = torch.linalg.svd(w0.double(), full_matrices=False)
+        ut, st, vht = torch.linalg.svd(wt.double(), full_matrices=False)
+        dw = wt.double() - w0.double()
+        sd = torch.linalg.svdvals(dw)
+        k = min(s.angle_k, *w0.shape)
+        cos_u = torch.linalg.svdvals(u0[:, :k].T @ ut[:, :k]).clamp(max=1)
+        cos_v = torch.linalg.svdvals(vh0[:k] @ vht[:k].T).clamp(max=1)
+        upd = update_mask(w0, wt, s.eta)
+        princ = principal_mask(w0, s.mask_rank, s.mask_alpha, Factors(u0, s0, vh0))
+        low = lowmag_mask(w0, s.mask_alpha)
+        out.append(
+            (
+                float(torch.rad2deg(torch.arccos(cos_u)).max()),
+                float(torch.rad2deg(torch.arccos(cos_v)).max()),
+                float((st - s0).norm() / s0.norm()),
+                float((princ & upd).sum() / upd.sum()),
+                float((low & upd).sum() / upd.sum()),
+                float(stable_rank(sd)),
+                float(hill_alpha(sd, s.hill_k)),
+            )
+        )
+    return out
+
+
+def _peak_rss(args, layers: int) -> float:
+    origin, run = _build(args, layers)
+    store = args.work / f"rss-{layers}"
+    shutil.rmtree(store, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--rss-probe", str(origin), str(run), str(store)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def _rss_probe(origin: Path, run: Path, store: Path) -> None:
+    opd_lens.compute(store, run, origin=origin, name="r", progress=False)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    main()
