@@ -63,35 +63,44 @@ def main() -> None:
     params = sum(math.prod(r.shape) for r in refs) / 1e6
     print(
         f"run: {len(refs)} matrices, {params:.1f} M parameters per checkpoint, {len(ckpts)} checkpoints; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n",
+        flush=True,
     )
 
     settings = Settings()
     warm = args.work / "warm-store"  # holds W_0's factors, computed once per run and timed here
     shutil.rmtree(warm, ignore_errors=True)
-    origin_s = _timed(lambda: opd_lens.compute(warm, run, origin=origin, name="r", endpoint="none", progress=False))
-    a = _timed(lambda: [_read_floor(o, c, refs) for c in ckpts]) / len(ckpts)
-    b = _opd_lens(args.work / "b", run, origin, warm, "none") / len(ckpts)
-    d = _timed(lambda: [_naive_trajectory(o, c, refs, settings) for c in ckpts[:n_ref]]) / n_ref
-    subset = _subset(run, ckpts[:n_ref], args.work / "subset")
-    c = _opd_lens(args.work / "c", subset, origin, warm, "all") / n_ref
-    e = _timed(lambda: [_naive_pair(o, c, refs, settings) for c in ckpts[:n_ref]]) / n_ref
-    rows = [
-        ("per checkpoint, trajectory metrics", None, None),
-        ("(a) read floor: stream W_0 and W_t, form ΔW in fp32", a, None),
-        ("(b) opd_lens default trajectory metrics", b, f"b/a = {b / a:5.1f}  (target ≤ 3)"),
-        ("(d) naive: full float64 SVD of ΔW per matrix", d, f"d/b = {d / b:5.1f}  (target ≥ 10)"),
-        ("endpoint metrics at every checkpoint", None, None),
-        ("(c) opd_lens endpoint='all'", c, None),
-        ("(e) naive pair script, re-factorises W_0", e, f"e/c = {e / c:5.1f}  (target ≥ 2)"),
-        ("once per run", None, None),
-        ("opd_lens: W_0's SVD and masks, cached in the store", origin_s - b * len(ckpts), None),
-    ]
-    for label, seconds, ratio in rows:
-        if seconds is None:
-            print(f"\n{label}")
-        else:
-            print(f"  {label:<52s} {seconds:8.2f} s   {ratio or ''}")
+    first = _timed(lambda: opd_lens.compute(warm, run, origin=origin, name="r", endpoint="none", progress=False))
+
+    print("per checkpoint, trajectory metrics")
+    a = _row(
+        "(a) read floor: stream W_0 and W_t, form ΔW in fp32",
+        lambda: [_read_floor(o, c, refs) for c in ckpts],
+        len(ckpts),
+    )
+    b = _row(
+        "(b) opd_lens default trajectory metrics",
+        lambda: _opd_lens(args.work / "b", run, origin, warm, "none"),
+        len(ckpts),
+    )
+    print(f"{'':62s}b/a = {b / a:5.1f}  (target ≤ 3)")
+    naive = ckpts[:n_ref]
+    d = _row(
+        "(d) naive: full float64 SVD of ΔW per matrix",
+        lambda: [_naive_trajectory(o, c, refs, settings) for c in naive],
+        n_ref,
+    )
+    print(f"{'':62s}d/b = {d / b:5.1f}  (target ≥ 10)")
+    print("endpoint metrics at every checkpoint")
+    subset = _subset(run, naive, args.work / "subset")
+    c = _row("(c) opd_lens endpoint='all'", lambda: _opd_lens(args.work / "c", subset, origin, warm, "all"), n_ref)
+    e = _row(
+        "(e) naive pair script, re-factorises W_0", lambda: [_naive_pair(o, c, refs, settings) for c in naive], n_ref
+    )
+    print(f"{'':62s}e/c = {e / c:5.1f}  (target ≥ 2)")
+    print("once per run")
+    label = "opd_lens: W_0's SVD and masks, cached in the store"
+    print(f"  {label:<58s} {first - b * len(ckpts):8.2f} s")
     if not args.skip_rss:
         small, large = (_peak_rss(args, layers) for layers in (max(1, args.layers // 2), args.layers))
         print(
@@ -113,18 +122,25 @@ def _build(args, layers: int) -> tuple[Path, Path]:
     return out / "origin", out / "run"
 
 
+def _row(label: str, fn, checkpoints: int) -> float:
+    """Time ``fn`` over ``checkpoints`` checkpoints; print and return the seconds per checkpoint."""
+    seconds = _timed(fn) / checkpoints
+    print(f"  {label:<58s} {seconds:8.2f} s", flush=True)
+    return seconds
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str) -> float:
-    """Seconds of an opd_lens compute into a fresh store that starts with W_0's factors cached."""
+def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str) -> None:
+    """An opd_lens compute into a fresh store that starts with W_0's factors cached (copied from ``warm``)."""
     shutil.rmtree(store, ignore_errors=True)
     opd_lens.open_store(store)
     shutil.copytree(warm / "cache" / "origin", store / "cache" / "origin", dirs_exist_ok=True)
-    return _timed(lambda: opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, progress=False))
+    opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, progress=False)
 
 
 def _subset(run: Path, ckpts, out: Path) -> Path:

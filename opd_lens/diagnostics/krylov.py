@@ -76,7 +76,7 @@ def top_spectrum(
         j = min(start.shape[1], block - 1)
         x[:, :j] = start[:, :j].to(x)
     x = torch.linalg.qr(x).Q
-    cap = min(max_dim, n)
+    cap = min(max(max_dim, k), n)
     q = a.new_empty(n, cap)
     p = a.new_empty(n, cap)
     z = torch.empty(m, cap, dtype=torch.float64, device=a.device)
@@ -98,10 +98,26 @@ def top_spectrum(
         live = lam[:k] > noise * floor  # σ above the float32 error of ΔW v
         values_ok = bool((res <= torch.maximum(tol * lam[:k], floor)).all())
         moved = 1.0 if prev is None else 1.0 - float(((prev.mT @ v[:, live]) ** 2).sum()) / max(int(live.sum()), 1)
-        if (values_ok and moved <= tol) or d + block > cap:
+        if (d >= k and values_ok and (moved <= tol or not live.any())) or d >= cap:
             return TopSpectrum(lam[:k].sqrt(), v, d, noise)
         prev = v
-        x = p[:, d - b : d]
-        for _ in range(2):  # classical Gram–Schmidt twice, then once more after normalizing (breakdown-safe)
-            x = x - q[:, :d] @ (q[:, :d].mT @ x)
-            x = torch.linalg.qr(x).Q
+        x = _next_block(p[:, d - b : d][:, : cap - d], q[:, :d], gen)
+
+
+def _next_block(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Orthonormalize the new Krylov block ``p`` against the basis ``q`` (classical Gram–Schmidt, twice).
+
+    Columns that vanish against ``q`` (an invariant subspace was found, e.g. for a flat spectrum) are replaced by
+    fresh Gaussian ones, so the basis stays orthonormal and keeps growing.
+    """
+    scale = torch.linalg.vector_norm(p, dim=0)
+    x = p
+    for _ in range(2):
+        x = x - q @ (q.mT @ x)
+    lost = torch.linalg.vector_norm(x, dim=0) <= 1e-3 * scale
+    if bool(lost.any()):
+        fresh = torch.randn(x.shape[0], int(lost.sum()), generator=gen, dtype=x.dtype, device=x.device)
+        x[:, lost] = fresh - q @ (q.mT @ fresh)
+    x = torch.linalg.qr(x).Q
+    x = x - q @ (q.mT @ x)
+    return torch.linalg.qr(x).Q
