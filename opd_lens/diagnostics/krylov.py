@@ -70,30 +70,35 @@ def top_spectrum(
         f = svd64(a, k)
         return TopSpectrum(f.s[:k], f.vh.mT, min(m, n), min(m, n) * torch.finfo(torch.float64).eps)
     a = a.to(torch.float32)
+    at = a.mT.contiguous()  # both products stream memory in order
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    x = torch.randn(n, block, generator=gen, dtype=torch.float32, device=a.device)
+    x = torch.randn(n, block, generator=gen, dtype=torch.float64, device=a.device)
     if start is not None:
         j = min(start.shape[1], block - 1)
         x[:, :j] = start[:, :j].to(x)
-    x = torch.linalg.qr(x).Q
+    x = torch.linalg.qr(x).Q.to(torch.float32)
     cap = min(max(max_dim, k), n)
-    q = a.new_empty(n, cap)
-    p = a.new_empty(n, cap)
-    z = torch.empty(m, cap, dtype=torch.float64, device=a.device)
+    f64 = {"dtype": torch.float64, "device": a.device}
+    q, p, z, g = (
+        torch.empty(n, cap, **f64),
+        torch.empty(n, cap, **f64),
+        torch.empty(m, cap, **f64),
+        torch.empty(cap, cap, **f64),
+    )
     prev = None
     noise = 16 * math.sqrt(n) * torch.finfo(torch.float32).eps
     d = 0
     while True:
         b = x.shape[1]
-        q[:, d : d + b] = x
         zb = a @ x
-        p[:, d : d + b] = a.mT @ zb
-        z[:, d : d + b] = zb.to(torch.float64)
+        q[:, d : d + b], p[:, d : d + b], z[:, d : d + b] = x, at @ zb, zb
+        g[: d + b, d : d + b] = z[:, : d + b].mT @ z[:, d : d + b]  # the Rayleigh quotient QᵀΔWᵀΔWQ, grown by a block
+        g[d : d + b, :d] = g[:d, d : d + b].mT
         d += b
-        lam, vecs = torch.linalg.eigh(z[:, :d].mT @ z[:, :d])
+        lam, vecs = torch.linalg.eigh(g[:d, :d])
         lam, vecs = lam.flip(0).clamp(min=0.0), vecs.flip(1)[:, :k]
-        v = q[:, :d].to(torch.float64) @ vecs
-        res = torch.linalg.vector_norm(p[:, :d].to(torch.float64) @ vecs - v * lam[:k], dim=0)
+        v = q[:, :d] @ vecs
+        res = torch.linalg.vector_norm(p[:, :d] @ vecs - v * lam[:k], dim=0)
         floor = noise * lam[0]  # the float32 error of ΔWᵀΔW v
         live = lam[:k] > noise * floor  # σ above the float32 error of ΔW v
         values_ok = bool((res <= torch.maximum(tol * lam[:k], floor)).all())
@@ -101,7 +106,7 @@ def top_spectrum(
         if (d >= k and values_ok and (moved <= tol or not live.any())) or d >= cap:
             return TopSpectrum(lam[:k].sqrt(), v, d, noise)
         prev = v
-        x = _next_block(p[:, d - b : d][:, : cap - d], q[:, :d], gen)
+        x = _next_block(p[:, d - b : d][:, : cap - d], q[:, :d], gen).to(torch.float32)
 
 
 def _next_block(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -114,7 +119,7 @@ def _next_block(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch
     x = p
     for _ in range(2):
         x = x - q @ (q.mT @ x)
-    lost = torch.linalg.vector_norm(x, dim=0) <= 1e-3 * scale
+    lost = torch.linalg.vector_norm(x, dim=0) <= 1e-6 * scale
     if bool(lost.any()):
         fresh = torch.randn(x.shape[0], int(lost.sum()), generator=gen, dtype=x.dtype, device=x.device)
         x[:, lost] = fresh - q @ (q.mT @ fresh)
