@@ -49,9 +49,12 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.3, help="density of its sparse part (default: %(default)s)")
     p.add_argument("--reference-checkpoints", type=int, default=1, help="checkpoints timed for (d), (e) and (c)")
     p.add_argument("--work", type=Path, default=Path("/tmp/opd-lens-bench"), help="where runs and stores go")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--skip-rss", action="store_true", help="skip the 4-vs-8-layer peak RSS measurement")
     p.add_argument("--rss-probe", nargs=3, metavar=("ORIGIN", "RUN", "STORE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_probe:
         return _rss_probe(*map(Path, args.rss_probe))
 
@@ -206,6 +209,7 @@ def _peak_rss(args, layers: int) -> float:
     store = args.work / f"rss-{layers}"
     shutil.rmtree(store, ignore_errors=True)
     cmd = [sys.executable, __file__, "--rss-probe", str(origin), str(run), str(store)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
