@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import warnings
@@ -84,6 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default: %(default)s)")
     watch.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     watch.set_defaults(func=_watch)
+
+    zoo = sub.add_parser("zoo", help="train the demo zoo: SFT, OPD, RLVR and control runs of a tiny Qwen3 on CPU")
+    zoo.add_argument("--out", type=Path, required=True, help="the zoo's directory (an interrupted zoo resumes)")
+    zoo.add_argument(
+        "--preset",
+        default="classroom",
+        choices=("ci", "classroom", "paper"),
+        help="ci: ~2 min, sft/opd/rlvr only; classroom: ~10 min, every run; paper: longer, closer to the paper's "
+        "step counts (default: %(default)s)",
+    )
+    zoo.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    zoo.add_argument(
+        "--workers", type=int, default=2, help="runs trained at once, one process each (default: %(default)s)"
+    )
+    zoo.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo.set_defaults(func=_zoo)
 
     ins = sub.add_parser("inspect", help="list the checkpoints of a run and the matrices opd_lens analyses")
     ins.add_argument("run_dir", type=Path, help="a run directory or a single checkpoint directory")
@@ -173,6 +190,27 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(args.out, progress=not args.quiet)
+
+
+def _zoo(args: argparse.Namespace) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise OpdLensError("the zoo needs transformers: pip install 'opd-lens[zoo]'")
+    from .zoo import train_zoo
+
+    start = time.monotonic()
+    manifest = train_zoo(args.out, args.preset, seed=args.seed, progress=not args.quiet, workers=args.workers)
+    print(f"zoo {args.out} (preset {args.preset}, seed {args.seed}) ready in {time.monotonic() - start:.0f}s")
+    print(f"  {'model':<14} {'steps':>6}  held-out accuracy (avg@4)")
+    for name, model in manifest["models"].items():
+        print(f"  {name:<14} {model['step']:>6}  {model['accuracy']:.3f}")
+    print(f"  {'run':<14} {'steps':>6}  held-out accuracy per checkpoint  origin")
+    for name, run in manifest["runs"].items():
+        accuracies = " ".join(f"{c['eval_accuracy']:.3f}" for c in run["checkpoints"])
+        print(f"  {name:<14} {run['steps']:>6}  {accuracies}  {run['origin']}")
+    print(
+        f"next: opd-lens compute {args.out / 'runs' / 'opd'} --origin {args.out / 'anchor'} --name opd --method opd "
+        "--store STORE (sft's origin is base)"
+    )
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
