@@ -14,9 +14,12 @@ from .summary import summarize
 
 __all__ = [
     "Checkpoint",
+    "Explorer",
+    "LockMonitor",
     "OpdLensError",
     "Store",
     "__version__",
+    "charts",
     "checkpoints",
     "compute",
     "diagnostics",
@@ -25,3 +28,16 @@ __all__ = [
     "open_store",
     "summarize",
 ]
+
+
+def __getattr__(name: str):
+    """The views load on first use, so computing needs neither the widget stack nor the JS bundle."""
+    if name in ("Explorer", "LockMonitor"):
+        from . import widgets
+
+        return getattr(widgets, name)
+    if name == "charts":
+        import importlib
+
+        return importlib.import_module(".charts", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -129,3 +129,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+EVIL_NAME = "<img src=x onerror=alert(1)>"
+"""A run name that is HTML: every view must show it as text and run nothing."""
+
+
+@pytest.fixture(scope="session")
+def widget_store(tmp_path_factory) -> Path:
+    """A real store of two planted runs (one named :data:`EVIL_NAME`), angles at every step, for the views."""
+    from opd_lens import open_store
+    from opd_lens.diagnostics import Settings
+    from opd_lens.synthetic import qwen3_config, write_planted_run
+
+    root = tmp_path_factory.mktemp("widget-store")
+    store = open_store(root / "store", Settings(angle_k=8, mask_rank=4))
+    config = qwen3_config(layers=3, hidden=32, intermediate=64)
+    for seed, (name, scale, steps) in enumerate([("sft", 0.05, (10, 20, 30)), (EVIL_NAME, 0.005, (20, 30))]):
+        origin, run = write_planted_run(root / f"run{seed}", config=config, steps=steps, scale=scale, seed=seed)
+        store.add_run(name, run, origin, method="opd" if seed else "sft")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    store.compute(progress=False, endpoint="all")
+    torch.set_num_threads(n)
+    return store.path

@@ -1,0 +1,150 @@
+import { wire, FakeModel } from "./fake";
+import explorer, { type Model, type Payload, cellValue, decodePayload, grids, navigate, trajectory } from "./explorer";
+
+const EVIL = "<img src=x onerror=alert(1)>";
+
+/** 2 runs × 3 steps × 2 layers × 2 modules; run 1 (EVIL) has no checkpoint at the first step. */
+function payload(): Payload {
+  const n = 2 * 3 * 2 * 2;
+  const values = Array.from({ length: n }, (_, i) => i + 1); // v = 1 + C-order index: every cell differs
+  const progress = [1 / 3, 2 / 3, 1, NaN, 0.5, 1];
+  return {
+    runs: ["sft", EVIL],
+    methods: ["sft", "opd"],
+    steps: [10, 20, 30],
+    layers: [0, 1],
+    modules: ["mlp.down_proj", "self_attn.q_proj"],
+    progress: wire(progress, [2, 3]),
+    metrics: {
+      stable_rank: wire(values, [2, 3, 2, 2]),
+      principal_overlap: wire(Array(n).fill(0.25), [2, 3, 2, 2]),
+      lowmag_overlap: wire(Array(n).fill(0.75), [2, 3, 2, 2]),
+    },
+    labels: { stable_rank: "stable rank", principal_overlap: "p", lowmag_overlap: "l" },
+    angles: { u: wire(Array(2 * 1 * 2 * 2 * 4).fill(3), [2, 1, 2, 2, 4]), v: wire(Array(32).fill(1), [2, 1, 2, 2, 4]), steps: [30] },
+    mask_alpha: 0.5,
+  };
+}
+
+function mount(state: Partial<Model> = {}) {
+  const model = new FakeModel<Model>({
+    _data: payload(),
+    metric: "stable_rank",
+    module: "",
+    scale: "linear",
+    selection: { run: "sft", layer: 0, module: "mlp.down_proj", step: 30 },
+    ...state,
+  });
+  const host = document.createElement("div");
+  document.body.replaceChildren(host);
+  const cleanup = explorer.render({ model, el: host } as never);
+  return { model, host, cleanup };
+}
+
+describe("data helpers", () => {
+  const d = decodePayload(payload());
+  it("finds each run's steps from progress", () => {
+    expect(d.runSteps).toEqual([[0, 1, 2], [1, 2]]);
+  });
+  it("takes one module or the mean over modules", () => {
+    // run 0, step 2, layer 1: C index ((0*3+2)*2+1)*2 = 10 → values 11 and 12
+    expect(cellValue(d, "stable_rank", "self_attn.q_proj", 0, 2, 1)).toBe(12);
+    expect(cellValue(d, "stable_rank", "", 0, 2, 1)).toBe(11.5);
+  });
+  it("builds per-run layer × step grids and trajectories", () => {
+    const g = grids(d, "stable_rank", "mlp.down_proj");
+    expect(Array.from(g[1])).toEqual([17, 21, 19, 23]); // run 1: steps 20, 30; layers 0, 1
+    const t = trajectory(g[1], 2, 2);
+    expect(Array.from(t.mean)).toEqual([18, 22]);
+    expect(Array.from(t.lo)).toEqual([17, 21]);
+    expect(Array.from(t.hi)).toEqual([19, 23]);
+  });
+  it("navigates with the arrow keys, clamped, and changes run with PageDown", () => {
+    const s = { run: "sft", layer: 0, module: "mlp.down_proj", step: 30 };
+    expect(navigate(d, s, "ArrowRight")?.step).toBe(30);
+    expect(navigate(d, s, "ArrowLeft")?.step).toBe(20);
+    expect(navigate(d, s, "ArrowDown")?.layer).toBe(1);
+    expect(navigate(d, s, "ArrowUp")?.layer).toBe(0);
+    expect(navigate(d, { ...s, step: 10 }, "PageDown")).toEqual({ ...s, run: EVIL, step: 30 });
+    expect(navigate(d, s, "a")).toBeNull();
+  });
+});
+
+describe("Explorer view", () => {
+  it("draws one heatmap per run with the shared colour scale", () => {
+    const { host } = mount({ module: "mlp.down_proj" });
+    const canvases = host.querySelectorAll<HTMLCanvasElement>("canvas.opd-heat");
+    expect(canvases.length).toBe(2);
+    expect([canvases[0].width, canvases[0].height, canvases[1].width]).toEqual([3, 2, 2]);
+    // The largest value (23, run 1, layer 1, step 30) is the top of the shared scale: viridis yellow.
+    const px = canvases[1].getContext("2d")?.getImageData(1, 1, 1, 1).data;
+    expect(Array.from(px ?? [])).toEqual([0xfd, 0xe7, 0x25, 255]);
+    const smallest = canvases[0].getContext("2d")?.getImageData(0, 0, 1, 1).data;
+    expect(Array.from(smallest ?? []).slice(0, 3)).toEqual([0x44, 0x01, 0x54]);
+    expect(host.querySelector(".opd-legend")?.textContent).toContain("23");
+  });
+  it("shows run names as text, never as HTML", () => {
+    const { host } = mount();
+    expect(host.querySelector("img")).toBeNull();
+    expect(host.textContent).toContain(EVIL);
+  });
+  it("a click selects the cell and saves the selection", () => {
+    const { host, model } = mount();
+    const canvas = host.querySelectorAll<HTMLCanvasElement>("canvas.opd-heat")[1];
+    const box = canvas.getBoundingClientRect();
+    canvas.dispatchEvent(
+      new MouseEvent("click", { clientX: box.left + box.width * 0.75, clientY: box.top + box.height * 0.75, bubbles: true }),
+    );
+    expect(model.get("selection")).toEqual({ run: EVIL, layer: 1, module: "mlp.down_proj", step: 30 });
+    expect(model.saved).toBe(1);
+    expect(host.querySelector(".opd-detail .opd-panel-title")?.textContent).toBe(
+      `${EVIL} · layer 1 · mlp.down_proj · step 30`,
+    );
+  });
+  it("arrow keys move the selection and the step scrubber follows", () => {
+    const { host, model } = mount();
+    const root = host.querySelector<HTMLElement>(".opd-explorer");
+    root?.dispatchEvent(new KeyboardEvent("keydown", { key: "ArrowLeft", bubbles: true }));
+    expect(model.get("selection").step).toBe(20);
+    expect(host.querySelector<HTMLInputElement>("input[type=range]")?.value).toBe("1");
+  });
+  it("the scrubber moves the step", () => {
+    const { host, model } = mount();
+    const scrub = host.querySelector<HTMLInputElement>("input[type=range]");
+    if (!scrub) throw new Error("no scrubber");
+    scrub.value = "0";
+    scrub.dispatchEvent(new Event("input"));
+    expect(model.get("selection").step).toBe(10);
+  });
+  it("pickers set the model and redraw", () => {
+    const { host, model } = mount();
+    const select = host.querySelector<HTMLSelectElement>("select[aria-label=module]");
+    if (!select) throw new Error("no module picker");
+    select.value = "self_attn.q_proj";
+    select.dispatchEvent(new Event("change"));
+    expect(model.get("module")).toBe("self_attn.q_proj");
+    model.set("metric", "principal_overlap");
+    expect(host.querySelector(".opd-description")?.textContent).toBe("p");
+  });
+  it("the detail panel shows overlaps against α and the angle profiles", () => {
+    const { host } = mount();
+    const detail = host.querySelector(".opd-detail");
+    expect(detail?.textContent).toContain("random α = 0.5");
+    expect(detail?.textContent).toContain("principal angles at step 30");
+    expect(detail?.querySelectorAll("path.opd-angle-u").length).toBe(1);
+  });
+  it("steps without angles say so", () => {
+    const { host } = mount({ selection: { run: "sft", layer: 0, module: "mlp.down_proj", step: 10 } });
+    expect(host.querySelector(".opd-detail")?.textContent).toContain("no angles stored");
+  });
+  it("hovering shows a tooltip with the value and highlights the layer", () => {
+    const { host } = mount({ module: "mlp.down_proj" });
+    const canvas = host.querySelectorAll<HTMLCanvasElement>("canvas.opd-heat")[0];
+    const box = canvas.getBoundingClientRect();
+    canvas.dispatchEvent(new MouseEvent("mousemove", { clientX: box.left + 1, clientY: box.top + 1, bubbles: true }));
+    const tip = host.querySelector<HTMLElement>(".opd-tooltip");
+    expect(tip?.hidden).toBe(false);
+    expect(tip?.textContent).toContain("stable_rank = 1");
+    expect(host.querySelector(".opd-hover-line")).not.toBeNull();
+  });
+});

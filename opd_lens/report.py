@@ -1,0 +1,104 @@
+"""Self-contained offline HTML: widgets (with their state and data) and charts in ONE file that needs no network.
+
+The page inlines RequireJS, anywidget's front end (as a named AMD module) and the standalone widget manager
+(``@jupyter-widgets/html-manager``'s ``embed-amd.js``) instead of loading them from a CDN, so it renders from
+``file://`` with every network request blocked. Widgets stay interactive (their views run in the page); only what
+needs a kernel, such as Python seeing a new selection, is gone.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import anywidget
+import ipywidgets
+from ipywidgets.embed import dependency_state, embed_data
+
+from .errors import OpdLensError
+
+__all__ = ["export_html"]
+
+_VENDOR = Path(__file__).resolve().parent / "static" / "vendor"
+_ANYWIDGET = Path(anywidget.__file__).resolve().parent / "nbextension" / "index.js"
+_ANONYMOUS = 'define(["@jupyter-widgets/base"]'
+_VIEW = "application/vnd.jupyter.widget-view+json"
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>body {{ font-family: system-ui, sans-serif; margin: 24px; }} .opd-item {{ margin: 0 0 28px; }}</style>
+{scripts}
+<script type="application/vnd.jupyter.widget-state+json">{state}</script>
+</head>
+<body>
+<h1>{title}</h1>
+{body}
+</body>
+</html>
+"""
+
+
+def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_lens report") -> Path:
+    """Write ``items`` — widgets (Explorer, LockMonitor, any ipywidget), altair charts (as inline SVG) and strings
+    (as paragraphs of text) — into one self-contained HTML file at ``path`` and return its path."""
+    items = list(items)
+    widgets = [w for w in items if isinstance(w, ipywidgets.Widget)]
+    state = dependency_state(widgets, drop_defaults=False) if widgets else {}
+    data = embed_data(views=widgets, drop_defaults=False, state=state) if widgets else None
+    views = iter(data["view_specs"] if data else [])
+    body = []
+    for item in items:
+        if isinstance(item, ipywidgets.Widget):
+            spec = _script_json(next(views))
+            body.append(f'<div class="opd-item"><script type="{_VIEW}">{spec}</script></div>')
+        elif isinstance(item, str):
+            body.append(f'<p class="opd-item">{html.escape(item)}</p>')
+        elif hasattr(item, "to_dict") and hasattr(item, "save"):  # an altair chart
+            import vl_convert as vlc
+
+            body.append(f'<div class="opd-item">{vlc.vegalite_to_svg(item.to_json())}</div>')
+        else:
+            raise TypeError(f"export_html: cannot show a {type(item).__name__}; pass widgets, altair charts or text")
+    page = _PAGE.format(
+        title=html.escape(title),
+        scripts=_runtime() if widgets else "",
+        state=_script_json(data["manager_state"] if data else {}),
+        body="\n".join(body),
+    )
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _runtime() -> str:
+    """The three scripts that replace the CDN: RequireJS, anywidget (named AMD module), the widget manager."""
+    missing = [p for p in (_VENDOR / "require.js", _VENDOR / "embed-amd.js", _ANYWIDGET) if not p.is_file()]
+    if missing:
+        raise OpdLensError(f"{missing[0]}: missing; rebuild the JS bundle (`npm --prefix js run build`)")
+    anywidget_js = _ANYWIDGET.read_text(encoding="utf-8")
+    if _ANONYMOUS not in anywidget_js:
+        raise OpdLensError(f"{_ANYWIDGET}: unexpected anywidget front end (no AMD define); cannot inline it")
+    anywidget_js = anywidget_js.replace(_ANONYMOUS, 'define("anywidget", ["@jupyter-widgets/base"]')
+    sources = [(_VENDOR / "require.js").read_text(encoding="utf-8"), anywidget_js]
+    sources.append((_VENDOR / "embed-amd.js").read_text(encoding="utf-8"))
+    return "\n".join(f"<script>{_script_text(s)}</script>" for s in sources)
+
+
+def _script_json(value) -> str:
+    """JSON safe inside a <script> element."""
+    return json.dumps(value).replace("</", "<\\/")
+
+
+def _script_text(source: str) -> str:
+    if "</script" in source.lower():
+        raise OpdLensError("an inlined script contains '</script'; it cannot be embedded safely")
+    return source

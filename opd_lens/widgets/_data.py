@@ -1,0 +1,84 @@
+"""What the widgets send to the browser: Datasets in, binary ``{view, dtype, shape}`` arrays out."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xarray as xr
+
+from ..store import ANGLES, SCALARS, Store, open_store
+
+LABELS = {
+    "unchanged_frac": "fraction of entries whose bf16 value did not change (bf16-visible update sparsity)",
+    "update_fro": "‖ΔW‖_F, the Frobenius norm of the cumulative update",
+    "stable_rank": "stable rank of ΔW: ‖ΔW‖_F² / ‖ΔW‖_2²",
+    "hill_alpha": "Hill tail index of the singular values of ΔW (top-k)",
+    "lock_alignment": "Sim_K: alignment of ΔW's top-K right singular subspace with the final update's",
+    "principal_overlap": "share of updated entries inside W₀'s principal mask (random baseline: α)",
+    "lowmag_overlap": "share of updated entries inside W₀'s low-magnitude mask (random baseline: α)",
+    "max_angle_u": "largest principal angle (degrees) between W₀'s and W_t's top-k left singular subspaces",
+    "max_angle_v": "largest principal angle (degrees) between W₀'s and W_t's top-k right singular subspaces",
+    "spectral_shift": "‖σ(W_t) − σ(W₀)‖₂ / ‖σ(W₀)‖₂",
+}
+"""One line per metric, shown under the pickers."""
+
+ANGLE_BUDGET = 32 * 2**20
+"""Bytes of angle profiles the Explorer ships; beyond it, only each run's last endpoint step."""
+
+
+def as_dataset(source: xr.Dataset | Store | str | os.PathLike) -> xr.Dataset:
+    """The Dataset of a Dataset, a :class:`~opd_lens.Store` or the path of one."""
+    if isinstance(source, xr.Dataset):
+        return source
+    if isinstance(source, Store):
+        return source.dataset()
+    return open_store(source, create=False).dataset()
+
+
+def wire(a: np.ndarray) -> dict:
+    """A C-contiguous float32 or int32 array as anywidget sends it: ``{view, dtype, shape}`` (binary, not JSON)."""
+    a = np.asarray(a)
+    a = np.ascontiguousarray(a, dtype=np.int32 if np.issubdtype(a.dtype, np.integer) else np.float32)
+    return {"view": memoryview(a).cast("B"), "dtype": str(a.dtype), "shape": list(a.shape)}
+
+
+def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
+    """The Explorer's data: every per-matrix metric cube (run, step, layer, module) and the angle profiles."""
+    available = [m for m in SCALARS if m in ds]
+    metrics = available if metrics is None else list(metrics)
+    unknown = sorted(set(metrics) - set(available))
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or metrics}; the Dataset has {available}")
+    ds = ds.transpose("run", "step", "layer", "module", ...)
+    return {
+        "runs": [str(r) for r in ds.run.values],
+        "methods": [str(m) for m in ds.method.values],
+        "steps": [int(s) for s in ds.step.values],
+        "layers": [int(x) for x in ds.layer.values],
+        "modules": [str(m) for m in ds.module.values],
+        "progress": wire(ds.progress.values),
+        "metrics": {m: wire(ds[m].values) for m in metrics},
+        "labels": {m: LABELS[m] for m in metrics},
+        "angles": _angles(ds),
+        "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
+    }
+
+
+def _angles(ds: xr.Dataset) -> dict | None:
+    """Angle profiles at the steps that have them; each run's last such step alone when they exceed the budget."""
+    if not all(a in ds for a in ANGLES):
+        return None
+    has = ds.angles_v.notnull().any(("layer", "module", "angle_index"))  # (run, step)
+    steps = np.flatnonzero(has.any("run").values)
+    if steps.size * ds.angles_v[:, :1].nbytes * 2 > ANGLE_BUDGET:
+        last = [np.flatnonzero(has.values[r])[-1:] for r in range(ds.sizes["run"])]
+        steps = np.unique(np.concatenate(last))
+    if steps.size == 0:
+        return None
+    sub = ds.isel(step=steps)
+    return {
+        "u": wire(sub.angles_u.values),
+        "v": wire(sub.angles_v.values),
+        "steps": [int(s) for s in sub.step.values],
+    }

@@ -1,0 +1,84 @@
+"""The Explorer widget: layers × steps × runs of every diagnostic, with a synced selection."""
+
+from __future__ import annotations
+
+import os
+
+import anywidget
+import traitlets
+import xarray as xr
+
+from ..store import Store
+from . import STATIC
+from ._data import as_dataset, explorer_payload
+
+__all__ = ["Explorer"]
+
+
+class Explorer(anywidget.AnyWidget):
+    """Explore a store: small-multiple layer × step heatmaps per run, trajectories and a per-matrix detail panel.
+
+    ``Explorer(store_or_path_or_dataset)`` shows every per-matrix metric (``metrics=`` ships a subset). Click a cell or
+    use the arrow keys (PageUp/PageDown change run); :attr:`selection` follows in Python::
+
+        ex = Explorer("runs.zarr", metric="unchanged_frac")
+        ex                       # in a notebook cell
+        ex.selection             # {'run': 'opd', 'layer': 3, 'module': 'mlp.down_proj', 'step': 200}
+    """
+
+    _esm = STATIC / "explorer.js"
+    _css = STATIC / "widget.css"
+    _data = traitlets.Dict().tag(sync=True)
+    metric = traitlets.Unicode(help="the metric shown").tag(sync=True)
+    module = traitlets.Unicode("", help='the module shown; "" is the mean over modules').tag(sync=True)
+    scale = traitlets.Enum(["linear", "log"], "linear", help="the colour scale").tag(sync=True)
+    selection = traitlets.Dict(help="the selected matrix and step: run, layer, module, step").tag(sync=True)
+
+    def __init__(
+        self,
+        source: xr.Dataset | Store | str | os.PathLike,
+        *,
+        metric: str = "stable_rank",
+        module: str = "",
+        scale: str = "linear",
+        selection: dict | None = None,
+        metrics: list[str] | None = None,
+    ):
+        ds = as_dataset(source)
+        data = explorer_payload(ds, metrics)
+        last = ds.isel(run=-1)
+        default = {
+            "run": data["runs"][-1],
+            "layer": data["layers"][0],
+            "module": data["modules"][0],
+            "step": int(last.step.where(last.progress.notnull()).max()),
+        }
+        super().__init__(_data=data, metric=metric, module=module, scale=scale, selection=selection or default)
+
+    def __repr__(self) -> str:
+        return f"<opd_lens.Explorer runs={self._data['runs']} metric={self.metric!r} selection={self.selection}>"
+
+    @traitlets.validate("metric")
+    def _valid_metric(self, proposal):
+        return _one_of(proposal.value, list(self._data["metrics"]), "metric")
+
+    @traitlets.validate("module")
+    def _valid_module(self, proposal):
+        return _one_of(proposal.value, ["", *self._data["modules"]], "module")
+
+    @traitlets.validate("selection")
+    def _valid_selection(self, proposal):
+        sel = dict(proposal.value)
+        if set(sel) != {"run", "layer", "module", "step"}:
+            raise traitlets.TraitError(f"selection needs exactly run, layer, module and step, not {sorted(sel)}")
+        _one_of(sel["run"], self._data["runs"], "run")
+        _one_of(sel["layer"], self._data["layers"], "layer")
+        _one_of(sel["module"], self._data["modules"], "module")
+        _one_of(sel["step"], self._data["steps"], "step")
+        return sel
+
+
+def _one_of(value, valid: list, what: str):
+    if value not in valid:
+        raise traitlets.TraitError(f"{what} {value!r} is not in this Dataset; choose one of {valid}")
+    return value

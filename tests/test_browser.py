@@ -1,0 +1,249 @@
+"""The widgets in a real browser (Debian's Chromium, driven by Playwright): in a real JupyterLab with a live kernel,
+and from a self-contained offline HTML file with every network request blocked. Screenshots and measured render
+times go to ``build/test-artifacts/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import EVIL_NAME
+
+from opd_lens import Explorer, LockMonitor
+from opd_lens.report import export_html
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parents[1] / "build" / "test-artifacts"
+if not Path(CHROMIUM).exists():
+    # CI installs Chromium (scripts/test.sh), so there a missing browser is a failure, not a skip.
+    reason = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    if os.environ.get("CI"):
+        raise RuntimeError(reason)
+    pytestmark = pytest.mark.skip(reason=reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
+        b = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield b
+        b.close()
+
+
+class Guard:
+    """Aborts every request outside ``allowed`` (and records it); records page errors and dialogs (alert())."""
+
+    def __init__(self, page, allowed: tuple[str, ...]):
+        self.blocked: list[str] = []
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        page.route("**/*", self._route)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.allowed = allowed
+
+    def _route(self, route):
+        url = route.request.url
+        if url.startswith(self.allowed):
+            route.continue_()
+        else:
+            self.blocked.append(url)
+            route.abort()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A real JupyterLab server on localhost (no token, no update checks, no network)."""
+    root = tmp_path_factory.mktemp("lab")
+    port = _free_port()
+    env = os.environ | {
+        "JUPYTER_CONFIG_DIR": str(root / ".jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
+    }
+    cmd = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+        f"--ServerApp.root_dir={root}", "--IdentityProvider.token=", "--ServerApp.password=",
+        "--ServerApp.disable_check_xsrf=True", "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
+        "--allow-root",
+    ]  # fmt: skip
+    log = (root / "lab.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"JupyterLab did not start:\n{(root / 'lab.log').read_text()}") from None
+            time.sleep(0.5)
+    yield url, root
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_explorer_in_jupyterlab_syncs_a_click_to_the_kernel(browser, lab, widget_store):
+    url, root = lab
+    selection_file = root / "selection.json"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import json, pathlib, opd_lens\n"
+            f"ex = opd_lens.Explorer({str(widget_store)!r}, module='mlp.down_proj')\n"
+            f"out = pathlib.Path({str(selection_file)!r})\n"
+            "ex.observe(lambda c: out.write_text(json.dumps(c['new'])), 'selection')\n"
+            "ex"
+        )
+    ]
+    nbformat.write(nb, root / "explorer.ipynb")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    guard = Guard(page, (url,))
+    page.goto(f"{url}/lab/tree/explorer.ipynb")
+    page.locator(".jp-Notebook").wait_for(timeout=120_000)
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).first.click()
+    heat = page.locator("canvas.opd-heat")
+    try:
+        heat.first.wait_for(timeout=int(os.environ.get("T", 120_000)))
+    finally:
+        page.screenshot(path=ARTIFACTS / "explorer-jupyterlab.png", full_page=True)
+        (ARTIFACTS / "lab-page-errors.txt").write_text("\n".join(guard.errors + guard.blocked))
+    assert heat.count() == 2
+    evil = page.locator(f"canvas.opd-heat[data-run='{EVIL_NAME}']")
+    box = evil.bounding_box()
+    # Bottom-right cell of the second run: its last layer and last step.
+    page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.9)
+    deadline = time.monotonic() + 60
+    while not selection_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page.screenshot(path=ARTIFACTS / "explorer-jupyterlab.png", full_page=True)
+    assert json.loads(selection_file.read_text()) == {
+        "run": EVIL_NAME, "layer": 2, "module": "mlp.down_proj", "step": 30,
+    }  # fmt: skip
+    # The HTML-named run shows as text and runs nothing; nothing left localhost.
+    assert page.locator(".opd-explorer img").count() == 0
+    assert page.get_by_text(EVIL_NAME).first.is_visible()
+    assert guard.dialogs == [] and guard.blocked == []
+    page.close()
+
+
+def _open_offline(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    guard = Guard(page, ("file:",))
+    page.goto(path.as_uri())
+    return page, guard
+
+
+def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(browser, widget_store, tmp_path):
+    ex = Explorer(widget_store, module="mlp.down_proj")
+    mon = LockMonitor(widget_store, "sft", sim_band=(0.99, None))
+    path = export_html([ex, mon, f"run {EVIL_NAME}"], tmp_path / "report.html")
+    page, guard = _open_offline(browser, path)
+    page.locator("canvas.opd-heat").first.wait_for(timeout=60_000)
+    page.locator(".opd-monitor svg").first.wait_for(timeout=60_000)
+    title = page.locator(".opd-detail .opd-panel-title")
+    assert title.text_content() == f"{EVIL_NAME} · layer 0 · mlp.down_proj · step 30"
+    box = page.locator("canvas.opd-heat[data-run='sft']").bounding_box()
+    page.mouse.click(box["x"] + 2, box["y"] + box["height"] - 2)  # first step, last layer
+    assert title.text_content() == "sft · layer 2 · mlp.down_proj · step 10"
+    page.keyboard.press("ArrowRight")
+    assert title.text_content() == "sft · layer 2 · mlp.down_proj · step 20"
+    assert page.locator(".opd-monitor .opd-status").text_content() == " · ".join(mon.alarms)
+    page.screenshot(path=ARTIFACTS / "explorer-offline.png", full_page=True)
+    assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []
+    assert page.locator("img").count() == 0
+    page.close()
+
+
+def _large_dataset(runs=6, steps=300, layers=36, modules=7) -> xr.Dataset:
+    """A Dataset the size of a real study (random values; the views do not care where numbers come from)."""
+    rng = np.random.default_rng(0)
+    shape = (runs, steps, layers, modules)
+    names = ["unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "lock_alignment", "principal_overlap",
+             "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift"]  # fmt: skip
+    data = {n: (("run", "step", "layer", "module"), rng.random(shape, dtype=np.float32)) for n in names}
+    step = np.arange(1, steps + 1) * 10
+    return xr.Dataset(
+        data,
+        coords={
+            "run": [f"run-{i}" for i in range(runs)],
+            "step": step,
+            "layer": np.arange(layers),
+            "module": [f"m{i}" for i in range(modules)],
+            "progress": (("run", "step"), np.broadcast_to(step / step[-1], (runs, steps))),
+            "method": ("run", ["sft", "opd", "rlvr", "opd", "sft", "rlvr"][:runs]),
+        },
+        attrs={"mask_alpha": 0.5},
+    )
+
+
+def test_explorer_render_time_at_paper_scale(browser, tmp_path):
+    """36 layers × 7 modules × 300 steps × 6 runs, every metric: first render and a metric switch, measured."""
+    ex = Explorer(_large_dataset())
+    path = export_html([ex], tmp_path / "large.html")
+    page, guard = _open_offline(browser, path)
+    t0 = time.monotonic()
+    page.locator("canvas.opd-heat").first.wait_for(timeout=120_000)
+    load_s = time.monotonic() - t0
+    render_ms = float(page.locator(".opd-explorer").get_attribute("data-render-ms"))
+    switch_ms = page.evaluate(
+        """() => {
+            const select = document.querySelector("select[aria-label=metric]");
+            const t = performance.now();
+            select.value = "hill_alpha";
+            select.dispatchEvent(new Event("change"));
+            return performance.now() - t;
+        }"""
+    )
+    step_ms = page.evaluate(
+        """() => {
+            const root = document.querySelector(".opd-explorer");
+            const t = performance.now();
+            for (let i = 0; i < 20; i++) root.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowLeft"}));
+            return (performance.now() - t) / 20;
+        }"""
+    )
+    assert page.locator("canvas.opd-heat").count() == 6
+    report = {
+        "grid": "6 runs x 300 steps x 36 layers x 7 modules, 10 metrics",
+        "html_bytes": path.stat().st_size,
+        "page_load_s": round(load_s, 2),
+        "first_render_ms": render_ms,
+        "metric_switch_ms": round(switch_ms, 1),
+        "keyboard_step_ms": round(step_ms, 2),
+    }
+    (ARTIFACTS / "explorer-render-time.json").write_text(json.dumps(report, indent=1))
+    print(report)
+    assert guard.blocked == [] and guard.errors == []
+    page.close()

@@ -1,0 +1,146 @@
+"""The widgets' Python side: what they send to the browser equals the Dataset, and bad input is refused clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import traitlets
+import xarray as xr
+from conftest import EVIL_NAME
+
+from opd_lens import Explorer, LockMonitor, open_store
+from opd_lens.widgets._data import explorer_payload, wire
+
+
+def unwire(w: dict) -> np.ndarray:
+    return np.frombuffer(w["view"], dtype=w["dtype"]).reshape(w["shape"])
+
+
+@pytest.fixture(scope="module")
+def ds(widget_store) -> xr.Dataset:
+    return open_store(widget_store, create=False).dataset()
+
+
+def test_wire_is_binary_float32_or_int32_c_order():
+    a = np.arange(12, dtype=np.float64).reshape(3, 4).T  # Fortran order, float64
+    w = wire(a)
+    assert isinstance(w["view"], memoryview) and w["dtype"] == "float32" and w["shape"] == [4, 3]
+    np.testing.assert_array_equal(unwire(w), a)
+    assert wire(np.arange(3, dtype=np.int64))["dtype"] == "int32"
+
+
+def test_payload_carries_every_metric_cube_exactly(ds):
+    p = explorer_payload(ds)
+    assert p["runs"] == ["sft", EVIL_NAME] and p["methods"] == ["sft", "opd"]
+    assert p["steps"] == [10, 20, 30] and p["layers"] == [0, 1, 2] and len(p["modules"]) == 7
+    assert set(p["metrics"]) == {
+        "unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "lock_alignment",
+        "principal_overlap", "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift",
+    }  # fmt: skip
+    for name, w in p["metrics"].items():
+        np.testing.assert_array_equal(unwire(w), ds[name].transpose("run", "step", "layer", "module").values)
+    np.testing.assert_array_equal(unwire(p["progress"]), ds.progress.values.astype(np.float32))
+    assert np.isnan(unwire(p["progress"])[1, 0])  # the second run has no step 10
+    assert p["mask_alpha"] == ds.attrs["mask_alpha"]
+
+
+def test_payload_angles_are_the_endpoint_steps(ds):
+    angles = explorer_payload(ds)["angles"]
+    assert angles["steps"] == [10, 20, 30]  # endpoint="all"
+    np.testing.assert_array_equal(unwire(angles["v"]), ds.angles_v.values)
+    last_only = ds.copy()
+    last_only["angles_u"] = ds.angles_u.where(ds.step == 30)
+    last_only["angles_v"] = ds.angles_v.where(ds.step == 30)
+    assert explorer_payload(last_only)["angles"]["steps"] == [30]
+
+
+def test_payload_subset_and_unknown_metric(ds):
+    p = explorer_payload(ds, ["stable_rank"])
+    assert list(p["metrics"]) == ["stable_rank"]
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['nope'\]; the Dataset has \['unchanged_frac'"):
+        explorer_payload(ds, ["nope"])
+
+
+def test_explorer_accepts_a_path_a_store_or_a_dataset(widget_store, ds):
+    for source in (widget_store, str(widget_store), open_store(widget_store, create=False), ds):
+        ex = Explorer(source)
+        assert ex._data["runs"] == ["sft", EVIL_NAME]
+    assert ex.selection == {"run": EVIL_NAME, "layer": 0, "module": "mlp.down_proj", "step": 30}
+    assert "Explorer runs=" in repr(ex)
+
+
+def test_explorer_validates_its_traits(widget_store):
+    ex = Explorer(widget_store, metric="unchanged_frac", module="mlp.up_proj", scale="log")
+    with pytest.raises(traitlets.TraitError, match="metric 'rank' is not in this Dataset; choose one of"):
+        ex.metric = "rank"
+    with pytest.raises(traitlets.TraitError, match="module 'mlp' is not in this Dataset"):
+        ex.module = "mlp"
+    with pytest.raises(traitlets.TraitError, match="step 15 is not in this Dataset"):
+        ex.selection = {"run": "sft", "layer": 0, "module": "mlp.up_proj", "step": 15}
+    with pytest.raises(traitlets.TraitError, match="needs exactly run, layer, module and step"):
+        ex.selection = {"run": "sft"}
+    ex.selection = {"run": "sft", "layer": 2, "module": "mlp.up_proj", "step": 10}
+    assert ex.selection["layer"] == 2
+    with pytest.raises(traitlets.TraitError):
+        ex.scale = "sqrt"
+
+
+def test_bundle_state_is_the_built_module(widget_store):
+    ex = Explorer(widget_store)
+    state = ex.get_state()
+    assert "export default" in state["_esm"] or "render" in state["_esm"]
+    assert ".opd-heat" in state["_css"]
+
+
+def test_monitor_series_and_alarms_match_numpy(widget_store, ds):
+    mon = LockMonitor(widget_store, "sft")
+    r = ds.sel(run="sft")
+    assert mon._data["steps"] == [10, 20, 30] and mon._data["lock_k"] == ds.attrs["lock_k"]
+    for name in ("stable_rank", "lock_alignment"):
+        v = r[name].values.reshape(3, -1)
+        np.testing.assert_allclose(unwire(mon._data[name]["mean"]), np.nanmean(v, 1), rtol=1e-6)
+        np.testing.assert_allclose(unwire(mon._data[name]["min"]), np.nanmin(v, 1), rtol=1e-6)
+        np.testing.assert_allclose(unwire(mon._data[name]["max"]), np.nanmax(v, 1), rtol=1e-6)
+    sims = np.nanmean(r.lock_alignment.values.reshape(3, -1), 1)
+    mon.sim_band = [1.1, None]  # everything below: every step but the last (Sim to itself is 1) alarms
+    assert [a.split(" at step ")[1] for a in mon.alarms] == ["10", "20"]
+    assert mon.alarms[0] == f"Sim_{ds.attrs['lock_k']} {sims[0]:.3g} < 1.1 at step 10"
+    mon.from_step = 20
+    assert len(mon.alarms) == 1
+    ranks = np.nanmean(r.stable_rank.values.reshape(3, -1), 1)
+    mon.from_step, mon.sim_band, mon.stable_rank_band = 0, [None, None], [None, float(ranks.min())]
+    expected = [f"stable rank {v:.3g} > {ranks.min():g} at step {s}" for s, v in zip([10, 20, 30], ranks, strict=True)]
+    assert mon.alarms == [a for a, v in zip(expected, ranks, strict=True) if v > ranks.min()]
+    assert len(mon.alarms) == 2
+    with pytest.raises(traitlets.TraitError):
+        mon.alarms = []
+
+
+def test_monitor_follows_new_checkpoints(tmp_path):
+    from opd_lens.diagnostics import Settings
+    from opd_lens.synthetic import qwen3_config, write_planted_run
+
+    origin, run = write_planted_run(tmp_path / "run", config=qwen3_config(layers=1, hidden=16, intermediate=32))
+    store = open_store(tmp_path / "store", Settings(angle_k=4, mask_rank=4))
+    store.add_run("opd", run, origin)
+    mon = LockMonitor(store, "opd")
+    assert mon._data["steps"] == [] and mon.alarms == []
+    store.compute(progress=False)
+    mon.refresh()
+    assert mon._data["steps"] == [25, 50, 75, 100]
+
+
+def test_monitor_unknown_run_is_clear(widget_store):
+    with pytest.raises(ValueError, match=r"no run 'x'; the store has \['sft'"):
+        LockMonitor(widget_store, "x")
+
+
+def test_runs_have_the_same_colours_in_widgets_and_charts():
+    import re
+    from pathlib import Path
+
+    from opd_lens.charts import PALETTE
+
+    source = (Path(__file__).parents[1] / "js" / "src" / "scale.ts").read_text()
+    block = source.split("export const RUN_COLORS = [", 1)[1].split("];", 1)[0]
+    assert tuple(re.findall(r'"(#[0-9a-f]{6})"', block)) == PALETTE
