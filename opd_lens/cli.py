@@ -39,17 +39,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+_PRESETS = (
+    "ci: ~2 min, sft/opd/rlvr only; classroom: ~10 min, every run; paper: longer, closer to the paper's step "
+    "counts (default: %(default)s)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd-lens", description="Where did my fine-tuning go in parameter space?")
     p.add_argument("--version", action="version", version=f"opd-lens {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the demo end to end (see README)")
+    demo = sub.add_parser(
+        "demo", help="train the demo zoo (or reuse it), compute its store, write report.html, print the table"
+    )
     demo.add_argument(
         "--out", type=Path, default=Path("opd-lens-demo"), help="working directory (default: %(default)s)"
     )
+    demo.add_argument("--preset", default="classroom", choices=("ci", "classroom", "paper"), help=_PRESETS)
+    demo.add_argument("--workers", type=int, default=2, help="runs trained at once (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    report = sub.add_parser("report", help="write a store's offline HTML report (one self-contained file)")
+    report.add_argument("store", type=Path, help="the store directory")
+    report.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: %(default)s")
+    report.add_argument("--title", default="opd_lens report", help="default: %(default)s")
+    report.set_defaults(func=_report)
 
     comp = sub.add_parser("compute", help="compute a run's diagnostics into a store (only what is new)")
     _run_args(comp)
@@ -92,8 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         default="classroom",
         choices=("ci", "classroom", "paper"),
-        help="ci: ~2 min, sft/opd/rlvr only; classroom: ~10 min, every run; paper: longer, closer to the paper's "
-        "step counts (default: %(default)s)",
+        help=_PRESETS,
     )
     zoo.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     zoo.add_argument(
@@ -187,14 +202,27 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    _need_zoo()
     from .demo import run_demo
 
-    run_demo(args.out, progress=not args.quiet)
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        run_demo(args.out, args.preset, progress=not args.quiet, workers=args.workers)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import store_report
+
+    path = store_report(open_store(args.store, create=False), args.output, title=args.title)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained: opens offline)")
+
+
+def _need_zoo() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise OpdLensError("the zoo needs transformers: pip install 'opd-lens[zoo]'")
 
 
 def _zoo(args: argparse.Namespace) -> None:
-    if importlib.util.find_spec("transformers") is None:
-        raise OpdLensError("the zoo needs transformers: pip install 'opd-lens[zoo]'")
+    _need_zoo()
     from .zoo import train_zoo
 
     start = time.monotonic()

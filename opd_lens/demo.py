@@ -1,48 +1,70 @@
-"""``opd-lens demo``: the main job, end to end, with what exists today.
-
-Today it writes two synthetic checkpoint series with planted updates (a locked rank-4 channel plus a sparse part;
-one small update, one ten times larger) in real trainer layouts, computes them into a store like any run, and
-prints the paper-style table and the trajectories. The demo zoo of real SFT/OPD/RLVR runs, the widgets and the
-offline report build on these pieces.
-"""
+"""``opd-lens demo``: the main job, end to end — train the demo zoo (or reuse it), compute its store, write the
+offline report and print the paper-style table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from .diagnostics import Settings
-from .store import open_store
+from .store import Store, open_store
 from .summary import summarize
-from .synthetic import write_planted_run
 
-__all__ = ["run_demo"]
+__all__ = ["ZOO_SETTINGS", "compute_zoo", "run_demo", "zoo_table"]
 
-_SETTINGS = Settings(angle_k=16, mask_rank=8)  # sized for the tiny demo model (hidden 64)
-_RUNS = {"small-update": dict(scale=0.005, layout="hf"), "large-update": dict(scale=0.05, layout="verl")}
+ZOO_SETTINGS = Settings(angle_k=16, mask_rank=8)
+"""Sized for the zoo's tiny model (hidden 64): the paper's k = 512 and r = 64 of 4096 would span whole matrices."""
+
+_COLUMNS = {
+    "method": "method",
+    "accuracy": "held-out acc.",
+    "unchanged_pct": "unchanged %",
+    "principal_overlap_pct": "princ. overlap %",
+    "lowmag_overlap_pct": "low-mag overlap %",
+    "max_angle_v_deg": "max angle V °",
+    "spectral_shift": "spectral shift",
+    "stable_rank": "stable rank",
+    "lock_alignment_first": "Sim16 first ckpt",
+}
 
 
-def run_demo(out: Path, progress: bool = True) -> None:
-    """Write (or reuse) the synthetic runs under ``out``, compute them into ``out/store`` and print the results."""
-    store = open_store(out / "store", _SETTINGS)
-    for seed, (name, kwargs) in enumerate(_RUNS.items()):
-        base = out / "synthetic" / name
-        if not (base / "run").is_dir():
-            print(f"writing a synthetic run to {base} ...")
-            write_planted_run(base, seed=seed, **kwargs)
-        store.add_run(name, base / "run", base / "origin", method=f"synthetic, {name}")
-    report = store.compute(progress=progress)
-    print(f"store {store.path}: {len(report.steps)} new checkpoint(s), {report.matrices_read} matrices read")
-    ds = store.dataset()
-    table = summarize(ds)
-    cols = ["last_step", "unchanged_pct", "lowmag_overlap_pct", "max_angle_v_deg", "spectral_shift", "stable_rank"]
-    print(table[cols].to_string(float_format=lambda x: f"{x:.4g}"))
-    means = ds[["stable_rank", "lock_alignment"]].mean(("layer", "module"))
-    for run in ds.run.values:
-        m = means.sel(run=run).where(ds.progress.sel(run=run).notnull(), drop=True)
-        pairs = zip(m.step.values, m.stable_rank.values, m.lock_alignment.values, strict=True)
-        line = ", ".join(f"{step}: {srank:.2f}/{sim:.2f}" for step, srank, sim in pairs)
-        print(f"{run} (step: stable rank/Sim_16 to last) {line}")
-    print(
-        "Coming next: the demo zoo of real SFT/OPD/RLVR runs on a tiny Qwen3 model, the widgets and the offline "
-        "report. Meanwhile: opd-lens compute/summary/watch on your own runs."
-    )
+def compute_zoo(zoo: Path, store_path: Path, *, endpoint: str = "all", progress: bool = True) -> Store:
+    """Register every run of the zoo at ``zoo`` (with its own origin: the base for SFT, the anchor otherwise) in the
+    store at ``store_path`` and compute what is missing."""
+    from .zoo import load_zoo
+
+    manifest = load_zoo(zoo)
+    store = open_store(store_path, ZOO_SETTINGS)
+    for name, run in manifest["runs"].items():
+        store.add_run(name, zoo / run["path"], zoo / run["origin"], method=run["method"])
+    store.compute(progress=progress, endpoint=endpoint)
+    return store
+
+
+def zoo_table(store: Store, zoo: Path) -> pd.DataFrame:
+    """The paper-style table of the zoo's store with each run's final held-out accuracy (avg@4), README columns."""
+    from .zoo import load_zoo
+
+    runs = load_zoo(zoo)["runs"]
+    table = summarize(store.dataset())
+    table["accuracy"] = [runs[r]["checkpoints"][-1]["eval_accuracy"] for r in table.index]
+    return table[list(_COLUMNS)].rename(columns=_COLUMNS)
+
+
+def run_demo(out: Path, preset: str = "classroom", *, progress: bool = True, workers: int = 2) -> pd.DataFrame:
+    """Train (or reuse) the zoo under ``out/zoo``, compute ``out/store``, write ``out/report.html``; print and return
+    the table."""
+    from .report import store_report
+    from .zoo import train_zoo
+
+    zoo = out / "zoo"
+    print(f"zoo ({preset}) in {zoo}: training what is not there yet ...", flush=True)
+    train_zoo(zoo, preset, progress=progress, workers=workers)
+    store = compute_zoo(zoo, out / "store", progress=progress)
+    table = zoo_table(store, zoo)
+    report = store_report(store, out / "report.html", title=f"opd_lens demo zoo ({preset})")
+    print(table.to_string(float_format=lambda x: f"{x:.3g}"))
+    print(f"store: {store.path}\nreport: {report} ({report.stat().st_size / 2**20:.1f} MiB, opens offline)")
+    print("notebooks: jupyter lab demo_notebooks/  (start with 01_quickstart.ipynb)")
+    return table

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import anywidget
 import ipywidgets
+import pandas as pd
 from ipywidgets.embed import dependency_state, embed_data
 
 from .errors import OpdLensError
+from .store import Store
 
-__all__ = ["export_html"]
+__all__ = ["export_html", "store_report"]
 
 _VENDOR = Path(__file__).resolve().parent / "static" / "vendor"
 _ANYWIDGET = Path(anywidget.__file__).resolve().parent / "nbextension" / "index.js"
@@ -33,7 +35,11 @@ _PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
-<style>body {{ font-family: system-ui, sans-serif; margin: 24px; }} .opd-item {{ margin: 0 0 28px; }}</style>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; }} .opd-item {{ margin: 0 0 28px; }}
+table.dataframe {{ border-collapse: collapse; font-size: 13px; }}
+.dataframe th, .dataframe td {{ padding: 3px 8px; border: 0; border-bottom: 1px solid #ddd; text-align: right; }}
+</style>
 {scripts}
 <script type="application/vnd.jupyter.widget-state+json">{state}</script>
 </head>
@@ -47,7 +53,7 @@ _PAGE = """<!DOCTYPE html>
 
 def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_lens report") -> Path:
     """Write ``items`` — widgets (Explorer, LockMonitor, any ipywidget), altair charts (as inline SVG) and strings
-    (as paragraphs of text) — into one self-contained HTML file at ``path`` and return its path."""
+    (as paragraphs of text) and pandas tables — into one self-contained HTML file at ``path`` and return its path."""
     items = list(items)
     widgets = [w for w in items if isinstance(w, ipywidgets.Widget)]
     state = dependency_state(widgets, drop_defaults=False) if widgets else {}
@@ -60,12 +66,16 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
             body.append(f'<div class="opd-item"><script type="{_VIEW}">{spec}</script></div>')
         elif isinstance(item, str):
             body.append(f'<p class="opd-item">{html.escape(item)}</p>')
+        elif isinstance(item, pd.DataFrame):
+            body.append(f'<div class="opd-item">{item.to_html(float_format=lambda x: f"{x:.4g}", escape=True)}</div>')
         elif hasattr(item, "to_dict") and hasattr(item, "save"):  # an altair chart
             import vl_convert as vlc
 
             body.append(f'<div class="opd-item">{vlc.vegalite_to_svg(item.to_json())}</div>')
         else:
-            raise TypeError(f"export_html: cannot show a {type(item).__name__}; pass widgets, altair charts or text")
+            raise TypeError(
+                f"export_html: cannot show a {type(item).__name__}; pass widgets, altair charts, tables or text"
+            )
     page = _PAGE.format(
         title=html.escape(title),
         scripts=_runtime() if widgets else "",
@@ -77,6 +87,26 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_lens report") -> Path:
+    """The standard report of a store: the paper-style table, the Explorer, and the regime, trajectory and overlap
+    charts."""
+    from . import charts
+    from .summary import summarize
+    from .widgets import Explorer
+
+    ds = store.dataset()
+    items = [
+        f"{store.path}: {ds.sizes['run']} run(s), {ds.sizes['layer']} layer(s) x {ds.sizes['module']} module(s).",
+        summarize(ds),
+        Explorer(ds, metric="unchanged_frac"),
+        charts.regimes(ds),
+        charts.trajectory(ds, "stable_rank"),
+        charts.trajectory(ds, "lock_alignment"),
+        charts.overlaps(ds),
+    ]
+    return export_html(items, path, title=title)
 
 
 def _runtime() -> str:

@@ -186,6 +186,21 @@ def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(bro
     page.close()
 
 
+def test_store_report_renders_offline(browser, widget_store, tmp_path):
+    from opd_lens import open_store
+    from opd_lens.report import store_report
+
+    path = store_report(open_store(widget_store, create=False), tmp_path / "report.html")
+    page, guard = _open_offline(browser, path)
+    page.locator("canvas.opd-heat").first.wait_for(timeout=60_000)
+    assert page.locator("table.dataframe tbody tr").count() == 2
+    assert page.locator("body > div.opd-item > svg").count() == 4  # regimes, two trajectories, overlaps
+    assert page.locator("select[aria-label=metric]").input_value() == "unchanged_frac"
+    page.screenshot(path=ARTIFACTS / "store-report.png", full_page=True)
+    assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []
+    page.close()
+
+
 def _large_dataset(runs=6, steps=300, layers=36, modules=7) -> xr.Dataset:
     """A Dataset the size of a real study (random values; the views do not care where numbers come from)."""
     rng = np.random.default_rng(0)

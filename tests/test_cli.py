@@ -73,23 +73,22 @@ def test_skipped_checkpoint_is_one_warning_line(tmp_path):
     assert "1 checkpoint(s)" in res.stdout
 
 
-def test_demo_runs_and_reuses_its_work(tmp_path):
-    first = opd_lens("demo", "--out", str(tmp_path / "demo"), "--quiet")
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.count("writing a synthetic run") == 2
-    assert "8 new checkpoint(s)" in first.stdout
-    table = [line.split() for line in first.stdout.splitlines() if line.startswith(("small", "large"))]
-    rows = {row[0]: row for row in table if row[1].isdigit()}
-    small, large = rows["small-update"], rows["large-update"]
-    assert small[1] == large[1] == "100"  # last step
-    assert float(small[2]) > float(large[2])  # a smaller update leaves more bf16 entries unchanged
-    assert float(small[4]) < float(large[4])  # ... and rotates the top singular subspace less
-    trajectory = [line for line in first.stdout.splitlines() if "Sim_16 to last" in line]
-    assert len(trajectory) == 2 and all(line.endswith("/1.00") for line in trajectory)
-    second = opd_lens("demo", "--out", str(tmp_path / "demo"), "--quiet")
-    assert second.returncode == 0 and "writing" not in second.stdout
-    assert "0 new checkpoint(s), 0 matrices read" in second.stdout
-    assert second.stdout.splitlines()[1:] == first.stdout.splitlines()[3:]
+def test_report_writes_one_self_contained_file(tmp_path, run):
+    origin, run_dir = run
+    store = tmp_path / "store"
+    args = ["compute", str(run_dir), "--origin", str(origin), "--name", "<b>opd</b>", "--store", str(store)]
+    assert opd_lens(*args, "--angle-k", "16", "--quiet").returncode == 0
+    res = opd_lens("report", str(store), "-o", str(tmp_path / "r.html"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"wrote {tmp_path / 'r.html'} (") and "opens offline" in res.stdout
+    page = (tmp_path / "r.html").read_text()
+    body = page.split("</head>")[1]
+    assert body.count("application/vnd.jupyter.widget-view+json") == 1 and body.count("<svg") >= 4
+    assert "<b>opd</b>" not in body  # the run name is escaped in the table and the charts
+    assert "&lt;b&gt;opd&lt;/b&gt;" in page
+    assert "cdn.jsdelivr" not in page.split("<script>")[0] and "<script src=" not in page
+    bad = opd_lens("report", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("no opd_lens store here")
 
 
 def test_compute_then_summary(tmp_path, run):

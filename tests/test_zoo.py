@@ -251,3 +251,25 @@ def test_cli_zoo_mistakes(tmp_path, capsys):
     assert err == f"opd-lens: error: {tmp_path / 'file'}: exists and is not a directory\n"
     assert main(["zoo", "--out", str(tmp_path), "--preset", "ci", "--seed", "1"]) == 2  # tmp_path holds "file"
     assert "not empty and holds no zoo" in capsys.readouterr().err
+
+
+def test_demo_reuses_the_zoo_and_writes_the_report(ci_zoo, tmp_path, capsys):
+    import shutil
+
+    out, manifest = ci_zoo
+    shutil.copytree(out, tmp_path / "demo" / "zoo")
+    main(["demo", "--out", str(tmp_path / "demo"), "--preset", "ci", "--quiet"])
+    first = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in first.splitlines() if line.startswith(("sft ", "opd ", "rlvr "))}
+    assert set(rows) == {"sft", "opd", "rlvr"}
+    assert float(rows["opd"][2]) == pytest.approx(final_accuracy(manifest, "opd"), abs=5e-4)
+    ds = opd_lens.open_store(tmp_path / "demo" / "store", create=False).dataset()
+    assert float(rows["sft"][3]) == pytest.approx(opd_lens.summarize(ds).loc["sft", "unchanged_pct"], abs=5e-3)
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 1e6
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file() and "report" not in p.name}
+    main(["demo", "--out", str(tmp_path / "demo"), "--preset", "ci", "--quiet"])
+    second = capsys.readouterr().out
+    assert second == first  # the same table, ...
+    changed = [p for p, t in files.items() if p.stat().st_mtime_ns != t]
+    assert [p for p in changed if "zoo" in p.relative_to(tmp_path).parts] == []  # ... nothing retrained
+    assert [p for p in changed if "c" in p.relative_to(tmp_path).parts] == []  # ... no zarr chunk rewritten
