@@ -61,6 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+    retrain = sub.add_parser(
+        "retrain", help="retrain a demo-zoo run from ~20%% of its training, confined to its early rank-K channel"
+    )
+    retrain.add_argument("zoo", type=Path, help="the zoo's directory (opd-lens zoo --out)")
+    retrain.add_argument("--run", default="opd", help="the run to constrain (default: %(default)s)")
+    retrain.add_argument("-k", type=int, default=16, help="rank K of the channel V_K (default: %(default)s)")
+    retrain.add_argument("--at", type=float, default=0.2, help="projection point, fraction (default: %(default)s)")
+    retrain.add_argument(
+        "--mode",
+        default="gradient",
+        choices=("gradient", "update"),
+        help="project each gradient (the paper) or each optimizer update (default: %(default)s)",
+    )
+    retrain.add_argument("--store", type=Path, help="also compute the retrained run into this store")
+    retrain.add_argument("--quiet", action="store_true", help="no progress bars")
+    retrain.set_defaults(func=_retrain)
+
     report = sub.add_parser("report", help="write a store's offline HTML report (one self-contained file)")
     report.add_argument("store", type=Path, help="the store directory")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: %(default)s")
@@ -207,6 +224,21 @@ def _demo(args: argparse.Namespace) -> None:
 
     with pd.option_context("display.width", 200, "display.max_columns", None):
         run_demo(args.out, args.preset, progress=not args.quiet, workers=args.workers)
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    _need_zoo()
+    from .locking import rank_constrained_retrain, retrain_accuracy
+
+    entry = rank_constrained_retrain(
+        args.zoo, args.run, args.k, args.at, mode=args.mode, store=args.store, progress=not args.quiet
+    )
+    start = entry["constraint"]["start"]
+    table = retrain_accuracy(args.zoo)
+    table = table[table.run.isin([args.run, Path(entry["path"]).name]) & (table.step >= start)]
+    wide = table.pivot(index="step", columns="run", values="accuracy")
+    print(f"held-out accuracy from the projection point (step {start}) on, plain vs rank-{args.k} constrained:")
+    print(wide.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
 def _report(args: argparse.Namespace) -> None:

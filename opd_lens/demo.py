@@ -30,13 +30,13 @@ _COLUMNS = {
 
 
 def compute_zoo(zoo: Path, store_path: Path, *, endpoint: str = "all", progress: bool = True) -> Store:
-    """Register every run of the zoo at ``zoo`` (with its own origin: the base for SFT, the anchor otherwise) in the
-    store at ``store_path`` and compute what is missing."""
+    """Register every run of the zoo at ``zoo`` (with its own origin: the base for SFT, the anchor otherwise), its
+    constrained retrainings included, in the store at ``store_path`` and compute what is missing."""
     from .zoo import load_zoo
 
     manifest = load_zoo(zoo)
     store = open_store(store_path, ZOO_SETTINGS)
-    for name, run in manifest["runs"].items():
+    for name, run in (manifest["runs"] | manifest.get("retrains", {})).items():
         store.add_run(name, zoo / run["path"], zoo / run["origin"], method=run["method"])
     store.compute(progress=progress, endpoint=endpoint)
     return store
@@ -46,7 +46,8 @@ def zoo_table(store: Store, zoo: Path) -> pd.DataFrame:
     """The paper-style table of the zoo's store with each run's final held-out accuracy (avg@4), README columns."""
     from .zoo import load_zoo
 
-    runs = load_zoo(zoo)["runs"]
+    manifest = load_zoo(zoo)
+    runs = manifest["runs"] | manifest.get("retrains", {})
     table = summarize(store.dataset())
     table["accuracy"] = [runs[r]["checkpoints"][-1]["eval_accuracy"] for r in table.index]
     return table[list(_COLUMNS)].rename(columns=_COLUMNS)

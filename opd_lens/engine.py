@@ -18,13 +18,23 @@ from urllib.parse import quote
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
 from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, origin_factors, sim_k, svd64
 from .errors import CheckpointWarning
-from .store import ANGLES, SCALARS, Store, StoreError, write_lock_alignment, write_step
+from .store import (
+    ANGLES,
+    SCALARS,
+    LockBases,
+    Store,
+    StoreError,
+    matrix_key,
+    parse_matrix_key,
+    write_lock_alignment,
+    write_step,
+)
 
 __all__ = ["ComputeReport", "compute_store", "resolve_device"]
 
@@ -99,7 +109,7 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
         raise StoreError(f"{origin.path}: the origin of run {name!r} changed since it was added; use a new store")
     ckpts = find_checkpoints(spec["run_dir"])
     done = store.completed_steps(name)
-    bases = _BasesCache(store.run_cache(name))
+    bases = LockBases(store.run_cache(name))
     ends = _endpoint_steps(endpoint, [c.step for c in ckpts])
     missing_angles = ends - store.endpoint_steps(name)
     pending = []
@@ -137,7 +147,7 @@ def _run_local(store, name, origin, tasks, factor_dir, device, client, progress)
             batched = batched_factors(ckpt, refs, store.settings.angle_k, dev)
         matrices = tqdm(refs, desc=f"step {ckpt.step}", unit="matrix", leave=False, disable=not progress)
         results = [
-            _matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir, batched.get(_key(ref)))
+            _matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir, batched.get(matrix_key(ref)))
             for ref in matrices
         ]
         yield (
@@ -209,7 +219,7 @@ def batched_factors(
         for i in range(0, len(group), per_chunk):
             chunk = group[i : i + per_chunk]
             f = svd64(torch.stack([ckpt.read_matrix(r).to(device) for r in chunk]), k)
-            out |= {_key(r): Factors(f.u[j], f.s[j], f.vh[j]) for j, r in enumerate(chunk)}
+            out |= {matrix_key(r): Factors(f.u[j], f.s[j], f.vh[j]) for j, r in enumerate(chunk)}
     return out
 
 
@@ -239,12 +249,12 @@ def _write_task(path, grid, run, slot, refs, results, bases_dir, step) -> int:
             scalars[name][i, j] = value
         for name, profile in res.angles.items():
             angles[name][i, j, : profile.shape[0]] = profile
-    _BasesCache(bases_dir).save(step, {_key(r): res.basis for r, res in zip(refs, results, strict=True)})
+    LockBases(bases_dir).save(step, {matrix_key(r): res.basis for r, res in zip(refs, results, strict=True)})
     write_step(path, run, slot, scalars, angles)
     return sum(res.reads for res in results)
 
 
-def _update_lock_alignment(store: Store, name: str, bases: _BasesCache) -> int:
+def _update_lock_alignment(store: Store, name: str, bases: LockBases) -> int:
     """Recompute Sim_K(V_K(t), V_K(last)) for every step whose stored value refers to an older last step."""
     done = store.completed_steps(name)
     if not done:
@@ -260,7 +270,7 @@ def _update_lock_alignment(store: Store, name: str, bases: _BasesCache) -> int:
         values = np.full((len(layers), len(modules)), np.nan, np.float32)
         for key, basis in bases.load(step).items():
             if key in final:
-                layer, module = _unkey(key)
+                layer, module = parse_matrix_key(key)
                 values[layers[layer], modules[module]] = float(sim_k(basis, final[key]))
         write_lock_alignment(store.data_path, run, store.step_slot(step), values, last)
     return len(stale)
@@ -273,7 +283,7 @@ def _load_factors(
 
     ``with_svd=False`` reads only the masks from a cached file (all that steps without endpoint metrics need).
     """
-    file = Path(factor_dir) / f"{quote(_key(ref), safe='')}.safetensors"
+    file = Path(factor_dir) / f"{quote(matrix_key(ref), safe='')}.safetensors"
     if file.is_file():
         with safe_open(file, framework="pt", device=str(device)) as f:
             shape = tuple(int(d) for d in f.get_tensor("shape").tolist())
@@ -303,36 +313,6 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
 def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     flat = np.unpackbits(bits.cpu().numpy())[: math.prod(shape)]
     return torch.from_numpy(flat.reshape(shape).astype(bool))
-
-
-class _BasesCache:
-    """V_K(t) of every matrix, one safetensors file per step, for recomputing lock_alignment."""
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-
-    def _file(self, step: int) -> Path:
-        return self.directory / f"bases-{step}.safetensors"
-
-    def has(self, step: int) -> bool:
-        return self._file(step).is_file()
-
-    def save(self, step: int, bases: dict[str, torch.Tensor]) -> None:
-        tmp = self._file(step).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in bases.items()}, tmp)
-        tmp.replace(self._file(step))
-
-    def load(self, step: int) -> dict[str, torch.Tensor]:
-        return load_file(self._file(step))
-
-
-def _key(ref: MatrixRef) -> str:
-    return f"{ref.layer}|{ref.module}"
-
-
-def _unkey(key: str) -> tuple[int, str]:
-    layer, module = key.split("|", 1)
-    return int(layer), module
 
 
 def _settings_key(settings: Settings) -> str:

@@ -11,6 +11,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedTensorError",
     "CheckpointWarning",
+    "ZooError",
 ]
 
 
@@ -40,3 +41,7 @@ class UnsupportedTensorError(CheckpointError, TypeError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped or looks inconsistent; the message names it and says why."""
+
+
+class ZooError(OpdLensError):
+    """The output directory cannot hold the zoo asked for, or a part of it failed to train."""

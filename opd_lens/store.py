@@ -20,8 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 import xarray as xr
 import zarr
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
@@ -330,6 +332,10 @@ class Store:
     def run_cache(self, name: str) -> Path:
         return self.cache_dir("runs", hashlib.sha256(name.encode()).hexdigest()[:16])
 
+    def lock_bases(self, name: str) -> LockBases:
+        """The cached V_K(t) of run ``name``: the top-K right singular vectors of every ΔW_t (K = lock_k)."""
+        return LockBases(self.run_cache(name))
+
     def record_checkpoint(self, name: str, step: int, path: str, fingerprint: str) -> None:
         run = self.runs[name]
         run["checkpoints"] = {**run["checkpoints"], str(step): {"path": path, "fingerprint": fingerprint}}
@@ -415,6 +421,37 @@ def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
         specs[name] = {"dims": dims, "chunks": chunks, "dtype": np.float32, "fill_value": np.nan}
     specs["complete"] = {"dims": ("run", "step"), "chunks": (1, 1), "dtype": np.int64, "fill_value": 0}
     return specs
+
+
+class LockBases:
+    """V_K(t) of every matrix of a run, one safetensors file per step, keyed by :func:`matrix_key`."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _file(self, step: int) -> Path:
+        return self.directory / f"bases-{step}.safetensors"
+
+    def has(self, step: int) -> bool:
+        return self._file(step).is_file()
+
+    def save(self, step: int, bases: dict[str, torch.Tensor]) -> None:
+        tmp = self._file(step).with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in bases.items()}, tmp)
+        tmp.replace(self._file(step))
+
+    def load(self, step: int) -> dict[str, torch.Tensor]:
+        return load_file(self._file(step))
+
+
+def matrix_key(ref) -> str:
+    """``"layer|module"``, the key of a matrix in the caches."""
+    return f"{ref.layer}|{ref.module}"
+
+
+def parse_matrix_key(key: str) -> tuple[int, str]:
+    layer, module = key.split("|", 1)
+    return int(layer), module
 
 
 def write_step(

@@ -153,3 +153,12 @@ def widget_store(tmp_path_factory) -> Path:
     store.compute(progress=False, endpoint="all")
     torch.set_num_threads(n)
     return store.path
+
+
+@pytest.fixture(scope="session")
+def ci_zoo(tmp_path_factory) -> tuple[Path, dict]:
+    """The ci preset of the demo zoo, trained once per session (about a minute); copy it before changing it."""
+    from opd_lens.zoo import train_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "ci"
+    return out, train_zoo(out, "ci", seed=0, progress=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,12 +41,6 @@ TINY = replace(
     saves=2,
 )
 """Seconds to train: for determinism and resuming, not for learning."""
-
-
-@pytest.fixture(scope="module")
-def ci_zoo(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("zoo") / "ci"
-    return out, train_zoo(out, "ci", seed=0, progress=False)
 
 
 def final_accuracy(manifest: dict, run: str) -> float:

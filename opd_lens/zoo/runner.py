@@ -17,24 +17,21 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OpdLensError
+from ..errors import ZooError
 from .models import load_model, save_model
 from .presets import PRESETS, Preset
 from .train import pretrain, run_entry, train_run
 
-__all__ = ["train_zoo", "load_zoo", "single_thread", "ZooError", "MANIFEST"]
+__all__ = ["train_zoo", "load_zoo", "record_retrain", "single_thread", "ZooError", "MANIFEST"]
 
 MANIFEST = "zoo.json"
-
-
-class ZooError(OpdLensError):
-    """The output directory cannot hold the zoo asked for, or a part of it failed to train."""
 
 
 def load_zoo(out: str | os.PathLike) -> dict:
     """The manifest of the zoo in ``out``: preset, seed and configuration; the ``base``, ``teacher`` and
     ``anchor`` models with their held-out accuracy; the finished runs, each with its method, origin, steps and
-    per-checkpoint log (step, held-out accuracy, training statistics). Paths are relative to ``out``."""
+    per-checkpoint log (step, held-out accuracy, training statistics); ``retrains``, the constrained retrainings
+    (:mod:`opd_lens.locking`), when there are any. Paths are relative to ``out``."""
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise ZooError(f"{out}: no zoo here ({MANIFEST} missing)")
@@ -86,6 +83,13 @@ def train_zoo(
     if workers > 1:
         _train_in_workers(out, todo, preset, workers, progress, manifest)
     return load_zoo(out)
+
+
+def record_retrain(out: str | os.PathLike, name: str, entry: dict) -> None:
+    """Add the constrained retraining ``name`` (a manifest entry with its constraint) to the zoo's manifest."""
+    manifest = load_zoo(out)
+    manifest["retrains"] = manifest.get("retrains", {}) | {name: entry}
+    _write_manifest(Path(out), manifest)
 
 
 def _open_manifest(out: Path, preset: Preset, seed: int) -> dict:

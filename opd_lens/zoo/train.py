@@ -7,24 +7,28 @@ master weights, Adam state, random generator state, log history) from which a st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ZooError
 from .models import bf16_state, build_model, load_model, qwen3_config, save_model
 from .objectives import grpo_advantages, mix_advantages, opd_advantages, ppo_clip_loss, sft_loss
 from .presets import RUNS, Preset, RunSpec
 from .rollout import accuracy, generate, response_logits, response_logprobs
 from .task import Task, exact_match, make_task
 
-__all__ = ["pretrain", "train_run", "run_entry", "derived_seed", "STATE"]
+__all__ = ["Cancelled", "STATE", "Variant", "derived_seed", "pretrain", "run_entry", "train_run"]
 
 STATE = "training_state.pt"
 
@@ -55,13 +59,45 @@ def pretrain(out: Path, name: str, preset: Preset, seed: int, progress: bool, po
     return {"path": name, "step": steps, "accuracy": acc}
 
 
-def train_run(out: Path, name: str, preset: Preset, seed: int, progress: bool, position: int | None = None) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """A run trained again from one of its own checkpoints under a constraint (see :mod:`opd_lens.locking`):
+    saved as run ``name`` with method label ``method``, continuing from checkpoint ``start`` of the original (its
+    weights, Adam state and random state), with ``attach(model, optimizer)`` — a context manager — active."""
+
+    name: str
+    method: str
+    start: int
+    attach: Callable
+
+
+class Cancelled(Exception):
+    """Training stopped on request; what was saved resumes on the next call."""
+
+
+def train_run(
+    out: Path,
+    name: str,
+    preset: Preset,
+    seed: int,
+    progress: bool,
+    position: int | None = None,
+    *,
+    variant: Variant | None = None,
+    stop: threading.Event | None = None,
+    on_step: Callable[[int, int, dict | None], None] | None = None,
+) -> dict:
     """Train run ``name`` of the zoo in ``out/runs/name`` from its origin (``out/base`` or ``out/anchor``),
     resuming from its last complete checkpoint; return its manifest entry. Each checkpoint logs the held-out
-    accuracy and the mean training ``loss`` (SFT) or rollout ``reward`` (the teacher's rollouts when off-policy)."""
+    accuracy and the mean training ``loss`` (SFT) or rollout ``reward`` (the teacher's rollouts when off-policy).
+
+    ``variant`` trains a constrained copy instead (in ``out/runs/<variant.name>``); ``stop`` set ends training
+    (raising :class:`Cancelled`) after the current step; ``on_step(step, total, record)`` follows progress, with the
+    checkpoint's log record when one was saved.
+    """
     spec, total, saves = RUNS[name], preset.steps(name), preset.save_steps(name)
     task = _task(preset, seed)
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / (variant.name if variant else name)
     model = load_model(out / spec.origin)
     teacher = load_model(out / "teacher").eval()
     if spec.sft:
@@ -72,29 +108,40 @@ def train_run(out: Path, name: str, preset: Preset, seed: int, progress: bool, p
         step_fn = _policy_gradient_steps(model, opt, teacher, spec, task, preset)
     gen = _generator(seed, f"runs/{name}")
     step, history = _resume(run_dir, saves, model, opt, gen)
-    bar = tqdm(total=total, initial=step, desc=name, unit="step", position=position, disable=not progress)
+    if variant is not None and step == 0:
+        step, history = variant.start, _load_state(out / "runs" / name / f"checkpoint-{variant.start}", model, opt, gen)
+    bar = tqdm(total=total, initial=step, desc=run_dir.name, unit="step", position=position, disable=not progress)
     metrics: list[dict[str, float]] = []
-    while step < total:
-        done, stats = step_fn(step, gen)
-        metrics.append(stats)
-        step += done
-        bar.update(done)
-        if step in saves:
-            record = {"step": step, "eval_accuracy": _accuracy(model, task, seed)}
-            history.append(record | {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]})
-            metrics = []
-            _save(run_dir / f"checkpoint-{step}", model, opt, gen, history)
-            bar.set_postfix(accuracy=f"{record['eval_accuracy']:.3f}")
+    with variant.attach(model, opt) if variant else contextlib.nullcontext():
+        while step < total:
+            if stop is not None and stop.is_set():
+                bar.close()
+                raise Cancelled(f"{run_dir.name}: stopped at step {step} of {total}")
+            done, stats = step_fn(step, gen)
+            metrics.append(stats)
+            step += done
+            bar.update(done)
+            record = None
+            if step in saves:
+                record = {"step": step, "eval_accuracy": _accuracy(model, task, seed)}
+                history.append(record | {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]})
+                metrics = []
+                _save(run_dir / f"checkpoint-{step}", model, opt, gen, history)
+                bar.set_postfix(accuracy=f"{record['eval_accuracy']:.3f}")
+            if on_step is not None:
+                on_step(step, total, record)
     bar.close()
-    return run_entry(out, name, preset)
+    return run_entry(out, name, preset, variant)
 
 
-def run_entry(out: Path, name: str, preset: Preset) -> dict:
-    """The manifest entry of the finished run ``name``: method, origin, steps and the log of every checkpoint."""
+def run_entry(out: Path, name: str, preset: Preset, variant: Variant | None = None) -> dict:
+    """The manifest entry of the finished run ``name`` (or of its ``variant``): method, origin, steps and the log
+    of every checkpoint."""
     spec, total = RUNS[name], preset.steps(name)
-    state = json.loads((out / "runs" / name / f"checkpoint-{total}" / "trainer_state.json").read_text())
-    entry = {"method": spec.method, "origin": spec.origin, "path": f"runs/{name}", "steps": total}
-    return entry | {"checkpoints": state["log_history"]}
+    path = f"runs/{variant.name if variant else name}"
+    state = json.loads((out / path / f"checkpoint-{total}" / "trainer_state.json").read_text())
+    entry = {"method": variant.method if variant else spec.method, "origin": spec.origin, "path": path}
+    return entry | {"steps": total, "checkpoints": state["log_history"]}
 
 
 def _task(preset: Preset, seed: int) -> Task:
@@ -150,14 +197,21 @@ def _resume(run_dir: Path, saves: list[int], model, opt: torch.optim.Optimizer, 
     """Load the last checkpoint of ``run_dir`` that holds a training state; return its step and log history
     (0 and empty when there is none)."""
     for step in reversed(saves):
-        path = run_dir / f"checkpoint-{step}" / STATE
-        if path.is_file():
-            state = torch.load(path, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            return step, state["history"]
+        if (run_dir / f"checkpoint-{step}" / STATE).is_file():
+            return step, _load_state(run_dir / f"checkpoint-{step}", model, opt, gen)
     return 0, []
+
+
+def _load_state(checkpoint: Path, model, opt: torch.optim.Optimizer, gen: torch.Generator) -> list[dict]:
+    """Load the training state saved with ``checkpoint``; return its log history."""
+    path = checkpoint / STATE
+    if not path.is_file():
+        raise ZooError(f"{checkpoint}: no {STATE} to continue training from")
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return state["history"]
 
 
 StepFn = Callable[[int, torch.Generator], tuple[int, dict[str, float]]]

@@ -1,0 +1,113 @@
+"""Lock alignment: does a run's cumulative update ΔW_t enter its final low-dimensional channel early?
+
+Reads V_K(t), the top-K right singular vectors of every ΔW_t, from the store's cache (computed with the
+diagnostics, K = the store's ``lock_k``); nothing is re-read from the checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ..diagnostics.trajectory import sim_k
+from ..store import Store, StoreError, open_store, parse_matrix_key
+
+__all__ = ["lock_alignment", "lock_summary"]
+
+
+def lock_alignment(
+    store: Store | str | os.PathLike,
+    *,
+    ref_progress: float = 0.2,
+    ref_step: int | Mapping[str, int] | None = None,
+    runs: list[str] | None = None,
+) -> xr.Dataset:
+    """Sim_K of every checkpoint's channel to the run's final channel and to an early reference channel.
+
+    Returns a Dataset over (run, step, layer, module) with ``sim_last`` = Sim_K(V_K(t), V_K(last)) (the store's
+    ``lock_alignment``), ``sim_ref`` = Sim_K(V_K(t), V_K(t_ref)) and ``stable_rank``; the coordinate
+    ``ref_step(run)`` is each run's reference: ``ref_step`` (one step for all runs, or per run), else the checkpoint
+    whose progress is nearest ``ref_progress`` (the paper projects at ≈ 20% of training).
+    """
+    store = store if isinstance(store, Store) else open_store(store, create=False)
+    ds = store.dataset()
+    names = [str(r) for r in ds.run.values] if runs is None else list(runs)
+    missing = sorted(set(names) - set(ds.run.values))
+    if missing:
+        raise StoreError(
+            f"{store.path}: no computed run {missing[0]!r}; the store has {[str(r) for r in ds.run.values]}"
+        )
+    ds = ds.sel(run=names)
+    layers = {int(v): i for i, v in enumerate(ds.layer.values)}
+    modules = {str(v): i for i, v in enumerate(ds.module.values)}
+    sim_ref = np.full(ds.stable_rank.shape, np.nan, np.float32)
+    refs = []
+    for r, name in enumerate(names):
+        progress = ds.progress.sel(run=name)
+        steps = [int(s) for s in progress.step.values[progress.notnull().values]]
+        ref = _reference(name, steps, progress, ref_step, ref_progress, store)
+        refs.append(ref)
+        bases = store.lock_bases(name)
+        anchor = bases.load(ref)
+        for step in steps:
+            j = int(np.flatnonzero(ds.step.values == step)[0])
+            for key, basis in bases.load(step).items():
+                if key in anchor:
+                    layer, module = parse_matrix_key(key)
+                    sim_ref[r, j, layers[layer], modules[module]] = float(sim_k(basis, anchor[key]))
+    dims = ("run", "step", "layer", "module")
+    out = xr.Dataset(
+        {"sim_last": ds.lock_alignment, "sim_ref": (dims, sim_ref), "stable_rank": ds.stable_rank},
+        coords={"ref_step": ("run", refs)},
+    )
+    out.attrs = {"lock_k": ds.attrs["lock_k"], "store": str(store.path)}
+    return out
+
+
+def lock_summary(lock: xr.Dataset, threshold: float = 0.9) -> pd.DataFrame:
+    """One row per run: when the update locked and how wide its stable rank stayed (means over matrices).
+
+    Columns: ``method``; ``lock_step`` and ``lock_progress``, the first checkpoint whose mean Sim_K to the final
+    channel reaches ``threshold`` (NaN if only the last does, trivially); ``sim_last_first``, that Sim_K at the
+    first checkpoint; ``ref_step`` and ``sim_ref_last``, how much of the final channel lies in the reference one;
+    ``stable_rank_ref`` (the paper chooses K just below it), ``stable_rank_min`` and ``stable_rank_max`` over
+    training.
+    """
+    means = lock[["sim_last", "sim_ref", "stable_rank"]].mean(("layer", "module"))
+    rows = []
+    for name in lock.run.values:
+        m = means.sel(run=name)
+        m = m.isel(step=np.flatnonzero(m.progress.notnull().values))
+        steps, progress = m.step.values, m.progress.values
+        before_last = np.flatnonzero(m.sim_last.values[:-1] >= threshold)
+        first = int(before_last[0]) if before_last.size else None
+        ref = int(lock.ref_step.sel(run=name))
+        rows.append(
+            {
+                "run": str(name),
+                "method": str(m.method.values),
+                "lock_step": int(steps[first]) if first is not None else np.nan,
+                "lock_progress": float(progress[first]) if first is not None else np.nan,
+                "sim_last_first": float(m.sim_last.values[0]),
+                "ref_step": ref,
+                "sim_ref_last": float(m.sim_ref.values[-1]),
+                "stable_rank_ref": float(m.stable_rank.sel(step=ref)),
+                "stable_rank_min": float(np.nanmin(m.stable_rank.values)),
+                "stable_rank_max": float(np.nanmax(m.stable_rank.values)),
+            }
+        )
+    return pd.DataFrame(rows).set_index("run")
+
+
+def _reference(name, steps, progress, ref_step, ref_progress, store) -> int:
+    if ref_step is None:
+        values = progress.sel(step=steps).values
+        return steps[int(np.argmin(np.abs(values - ref_progress)))]
+    ref = ref_step[name] if isinstance(ref_step, Mapping) else ref_step
+    if ref not in steps:
+        raise StoreError(f"{store.path}: run {name!r} has no computed step {ref}; it has {steps}")
+    return int(ref)

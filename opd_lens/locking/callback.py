@@ -1,0 +1,74 @@
+"""A Hugging Face ``Trainer`` callback (so TRL trainers too): constrain training with a :class:`SubspaceProjector`
+and feed each saved checkpoint to an opd_lens store and a live monitor."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..store import Store, open_store
+from .projector import SubspaceProjector
+
+__all__ = ["OpdLensCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class OpdLensCallback(TrainerCallback):
+    """``Trainer(..., callbacks=[OpdLensCallback(...)])``.
+
+    - ``projector``: attached to the model and optimizer when training begins, detached when it ends.
+    - ``store`` (a :class:`~opd_lens.Store` or its path) with ``origin`` (W_0's checkpoint directory): on every save
+      the run ``run_name`` (default: ``args.run_name``, else the output directory's name) is registered once, with
+      ``method``, and the new checkpoint is computed into the store. A failure is logged as a warning naming the
+      checkpoint; training goes on.
+    - ``monitor`` (anything with ``refresh()``, e.g. :class:`~opd_lens.LockMonitor`): refreshed after each save.
+
+    Only the main process (``state.is_world_process_zero``) writes the store and refreshes the monitor.
+    """
+
+    def __init__(
+        self,
+        *,
+        projector: SubspaceProjector | None = None,
+        store: Store | str | os.PathLike | None = None,
+        origin: str | os.PathLike | None = None,
+        run_name: str | None = None,
+        method: str | None = None,
+        monitor=None,
+    ):
+        if (store is None) != (origin is None):
+            raise ValueError("store and origin go together: the store needs the run's origin checkpoint")
+        self.projector, self.store, self.origin = projector, store, origin
+        self.run_name, self.method, self.monitor = run_name, method, monitor
+        self._registered = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # The Trainer creates the optimizer (an Accelerate wrapper) before this event and passes it to every event.
+        if self.projector is not None:
+            self.projector.attach(model, optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        try:
+            if self.store is not None:
+                if not isinstance(self.store, Store):
+                    self.store = open_store(self.store)
+                name = self.run_name or args.run_name or Path(args.output_dir).name
+                if not self._registered:
+                    self.store.add_run(name, args.output_dir, self.origin, method=self.method)
+                    self._registered = True
+                self.store.compute(runs=[name], progress=False)
+            if self.monitor is not None:
+                self.monitor.refresh()
+        except Exception as e:  # diagnostics must never stop a training run
+            logger.warning("opd_lens could not process %s (training goes on): %s: %s", checkpoint, type(e).__name__, e)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.projector is not None:
+            self.projector.detach()

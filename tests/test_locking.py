@@ -1,0 +1,155 @@
+"""Lock alignment over a store (against a numpy float64 oracle) and rank-constrained retraining of the ci zoo."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd_lens import open_store
+from opd_lens.checkpoints.writer import save_checkpoint
+from opd_lens.cli import main
+from opd_lens.diagnostics import Settings
+from opd_lens.errors import ZooError
+from opd_lens.locking import RetrainJob, lock_alignment, lock_summary, rank_constrained_retrain, retrain_accuracy
+from opd_lens.store import StoreError
+from opd_lens.synthetic import qwen3_config, qwen3_shapes
+from opd_lens.zoo import load_zoo
+from opd_lens.zoo.train import STATE, Cancelled
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STEPS = (10, 20, 30, 40)
+K = 4
+
+
+def _rotating_run(root: Path) -> tuple[Path, Path]:
+    """ΔW_t = (1 − s)·A + s·B with s = t/T: rank-4 channels A and B with different right subspaces, so the channel
+    turns from A's to a mix over training (and a second, locked run: ΔW_t = (t/T)·A)."""
+    config = qwen3_config(layers=1, hidden=32, intermediate=48)
+    g = torch.Generator().manual_seed(0)
+    origin = {n: torch.randn(s, generator=g) * 0.05 for n, s in qwen3_shapes(config).items()}
+
+    def planted(shape):
+        out, inp = shape
+        return 0.02 * torch.randn(out, 4, generator=g) @ torch.randn(4, inp, generator=g)
+
+    a = {n: planted(w.shape) for n, w in origin.items() if w.ndim == 2}
+    b = {n: planted(w.shape) for n, w in a.items()}
+    save_checkpoint(root / "origin", origin, config=config)
+    for t in STEPS:
+        s = t / STEPS[-1]
+        turning = {n: w + ((1 - s) * a[n] + s * b[n] if n in a else 0) for n, w in origin.items()}
+        locked = {n: w + (s * a[n] if n in a else 0) for n, w in origin.items()}
+        save_checkpoint(root / "turning" / f"checkpoint-{t}", turning, step=t, config=config)
+        save_checkpoint(root / "locked" / f"checkpoint-{t}", locked, step=t, config=config)
+    return root / "origin", root
+
+
+@pytest.fixture(scope="module")
+def lock_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lock")
+    origin, runs = _rotating_run(root)
+    store = open_store(root / "store", Settings(angle_k=4, mask_rank=4, lock_k=K, exact=True))
+    for name in ("turning", "locked"):
+        store.add_run(name, runs / name, origin)
+    store.compute(progress=False, endpoint="none")
+    return store, origin, runs
+
+
+def _oracle_basis(origin: Path, ckpt: Path, name: str) -> np.ndarray:
+    w0 = load_file(origin / "model.safetensors")[name].double().numpy()
+    wt = load_file(ckpt / "model.safetensors")[name].double().numpy()
+    return np.linalg.svd(wt - w0)[2][:K].T
+
+
+def test_lock_alignment_matches_a_numpy_oracle(lock_store):
+    store, origin, runs = lock_store
+    lock = lock_alignment(store, ref_step=20)
+    assert list(lock.ref_step.values) == [20, 20]
+    name, layer, module = "model.layers.0.self_attn.q_proj.weight", 0, "self_attn.q_proj"
+    ref = _oracle_basis(origin, runs / "turning" / "checkpoint-20", name)
+    last = _oracle_basis(origin, runs / "turning" / "checkpoint-40", name)
+    for t in STEPS:
+        v = _oracle_basis(origin, runs / "turning" / f"checkpoint-{t}", name)
+        cell = lock.sel(run="turning", step=t, layer=layer, module=module)
+        assert float(cell.sim_ref) == pytest.approx(np.linalg.norm(v.T @ ref) ** 2 / K, abs=1e-4)
+        assert float(cell.sim_last) == pytest.approx(np.linalg.norm(v.T @ last) ** 2 / K, abs=1e-4)
+    assert float(lock.sim_ref.sel(run="turning", step=40).mean()) < 0.9  # the channel turned ...
+    assert float(lock.sim_ref.sel(run="locked").min()) > 0.999  # ... or did not
+
+
+def test_lock_summary_finds_the_lock(lock_store):
+    store, *_ = lock_store
+    summary = lock_summary(lock_alignment(store))
+    assert summary.loc["locked", "lock_step"] == 10 and summary.loc["locked", "lock_progress"] == 0.25
+    sims = lock_alignment(store).sim_last.sel(run="turning").mean(("layer", "module"))
+    assert float(sims.sel(step=20)) < 0.9 <= float(sims.sel(step=30))  # B dominates from s = 0.75 on
+    assert summary.loc["turning", "lock_step"] == 30
+    assert summary.loc["locked", "ref_step"] == 10  # progress 0.25 is nearest 0.2
+    sr = lock_alignment(store).stable_rank.sel(run="turning").mean(("layer", "module"))
+    assert summary.loc["turning", "stable_rank_max"] == pytest.approx(float(sr.max()))
+    assert summary.loc["turning", "stable_rank_min"] == pytest.approx(float(sr.min()))
+
+
+def test_lock_alignment_errors_name_what_is_wrong(lock_store):
+    store, *_ = lock_store
+    with pytest.raises(StoreError, match="no computed run 'x'"):
+        lock_alignment(store, runs=["x"])
+    with pytest.raises(StoreError, match=r"run 'turning' has no computed step 15; it has \[10, 20, 30, 40\]"):
+        lock_alignment(store, ref_step=15)
+
+
+@pytest.fixture(scope="module")
+def zoo(ci_zoo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "ci"
+    shutil.copytree(ci_zoo[0], out)
+    return out
+
+
+def _fp32(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / STATE, weights_only=True)["model"]
+
+
+def test_retrain_in_update_mode_keeps_the_update_in_the_early_channel(zoo, tmp_path, capsys):
+    store = tmp_path / "store"
+    main(["retrain", str(zoo), "--run", "opd", "-k", str(K), "--mode", "update", "--store", str(store), "--quiet"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"held-out accuracy from the projection point (step 20) on, plain vs rank-{K} constrained")
+    entry = load_zoo(zoo)["retrains"][f"opd-k{K}-update"]
+    assert entry["constraint"] == {"run": "opd", "k": K, "start": 20, "mode": "update"}
+    assert [c["step"] for c in entry["checkpoints"]] == [20, 40, 60]  # the shared history, then its own
+    run_dir = zoo / entry["path"]
+    start, end = _fp32(zoo / "runs" / "opd" / "checkpoint-20"), _fp32(run_dir / "checkpoint-60")
+    from opd_lens.locking import Subspaces
+
+    bases = Subspaces.load(run_dir / "subspaces.safetensors").right
+    assert len(bases) == 14
+    for name, v in bases.items():
+        delta = (end[name] - start[name]).double()
+        v = v.double()
+        assert torch.linalg.norm(delta - delta @ v @ v.T) <= 1e-5 * torch.linalg.norm(delta), name
+    plain = _fp32(zoo / "runs" / "opd" / "checkpoint-60")
+    delta = (plain[name] - start[name]).double()
+    assert torch.linalg.norm(delta - delta @ v @ v.T) > 0.1 * torch.linalg.norm(delta)  # unconstrained leaves it
+    ds = open_store(store, create=False).dataset()
+    assert list(ds.run.values) == [f"opd-k{K}-update"] and ds.method.values[0] == f"opd-k{K}"
+    table = retrain_accuracy(zoo)
+    assert set(table.run) == {"opd", f"opd-k{K}-update"}
+    assert table[table.constrained].accuracy.between(0, 1).all()
+
+
+def test_retrain_job_cancels_and_resumes(zoo, tmp_path):
+    job = RetrainJob(zoo, run="sft", K=K, at=0.2)
+    job.cancel()  # before the first step: stops at once, nothing saved past the start
+    job.start().wait(timeout=120)
+    assert job.result is None and isinstance(job.error, Cancelled)
+    assert "stopped at step" in job._label.value and job._button.disabled
+    entry = rank_constrained_retrain(zoo, "sft", K, progress=False)  # the same retraining runs to the end
+    assert entry["path"] == f"runs/sft-k{K}" and entry["checkpoints"][-1]["step"] == 150
+    with pytest.raises(ZooError, match="holds a retraining with .* not .*'start': 100"):
+        rank_constrained_retrain(zoo, "sft", K, at=0.6, progress=False)
