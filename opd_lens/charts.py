@@ -241,7 +241,9 @@ def constrained_accuracy(table: pd.DataFrame) -> alt.LayerChart:
 
 
 def enable_offline() -> None:
-    """Make ``alt.JupyterChart`` load Vega from the bundle in vl-convert instead of a CDN (needs vl-convert)."""
+    """Show charts in notebooks with no network: altair's ``jupyter`` renderer (each chart a ``JupyterChart``
+    widget) with Vega from the bundle in vl-convert instead of a CDN."""
+    alt.renderers.enable("jupyter", offline=True)
     alt.JupyterChart.enable_offline()
 
 

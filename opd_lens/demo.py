@@ -49,6 +49,7 @@ def zoo_table(store: Store, zoo: Path) -> pd.DataFrame:
     manifest = load_zoo(zoo)
     runs = manifest["runs"] | manifest.get("retrains", {})
     table = summarize(store.dataset())
+    table = table.loc[[r for r in table.index if r in runs]]  # runs a user added to the store have no accuracy
     table["accuracy"] = [runs[r]["checkpoints"][-1]["eval_accuracy"] for r in table.index]
     return table[list(_COLUMNS)].rename(columns=_COLUMNS)
 

@@ -235,9 +235,11 @@ def test_charts_carry_small_data_and_export_png_and_svg(ds, name, tmp_path):
 
 
 def test_enable_offline_bundles_vega():
+    renderer = alt.renderers.active
     try:
         charts.enable_offline()
-        assert alt.JupyterChart._is_offline
+        assert alt.JupyterChart._is_offline and alt.renderers.active == "jupyter"
         assert "esm.sh" not in alt.JupyterChart._esm  # the CDN imports are replaced by vl-convert's bundle
     finally:
         alt.JupyterChart.enable_offline(False)
+        alt.renderers.enable(renderer)

@@ -1,5 +1,5 @@
 // The Explorer: small-multiple layer × step heatmaps per run, a trajectory panel and a detail panel.
-import type { AnyModel, RenderProps } from "@anywidget/types";
+import type { RenderProps } from "@anywidget/types";
 import { type NDArray, type Wire, at, decode } from "./codecs";
 import { type ColorScale, type ScaleKind, colorScale, fmt, linear, paint, runColor, ticks } from "./scale";
 import { type Frame, axes, bandPath, el, linePath, svg } from "./svg";
@@ -480,4 +480,3 @@ function render({ model, el: host }: RenderProps<Model>) {
 }
 
 export default { render };
-export type { AnyModel };

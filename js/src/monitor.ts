@@ -62,7 +62,7 @@ function render({ model, el: host }: RenderProps<Model>) {
     const series = (s: Series) => ({ mean: decode(s.mean), min: decode(s.min), max: decode(s.max) });
     const head = el("div", { className: "opd-panel-title" }, root);
     el("span", { text: `${model.get("run")}: ` }, head);
-    el("span", { text: `${d.steps.length} checkpoint(s)` }, head);
+    el("span", { text: d.steps.length ? `${d.steps.length} checkpoint(s)` : "waiting for the first checkpoint" }, head);
     const alarms = model.get("alarms");
     const status = el("div", { className: alarms.length ? "opd-status opd-alarm" : "opd-status" }, root);
     status.textContent = alarms.length ? alarms.join(" · ") : "within the bands";

@@ -23,7 +23,8 @@ class LockMonitor(anywidget.AnyWidget):
     """Stable rank of ΔW_t and Sim_K to the latest channel, per checkpoint of ``run``, with alarm bands.
 
     Feed it with ``opd-lens watch`` (or the training callback) writing to ``store`` and call :meth:`refresh`, or
-    :meth:`follow` to poll. A checkpoint (from ``from_step`` on) whose mean over matrices leaves a band raises an
+    :meth:`follow` to poll. ``run`` need not be in the store yet: until its first checkpoint is computed the view
+    waits (a live run is registered only once it has saved a checkpoint). A checkpoint (from ``from_step`` on) whose mean over matrices leaves a band raises an
     alarm, listed in :attr:`alarms`. Sim_K is measured against the latest checkpoint, so the latest itself is 1 and
     is not checked.
     """
@@ -51,13 +52,15 @@ class LockMonitor(anywidget.AnyWidget):
         from_step: int = 0,
     ):
         self.store = store if isinstance(store, Store) else open_store(store, create=False)
-        if run not in self.store.runs:
-            raise ValueError(f"{self.store.path}: no run {run!r}; the store has {list(self.store.runs)}")
         super().__init__(run=run, sim_band=list(sim_band), stable_rank_band=list(stable_rank_band), from_step=from_step)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.observe(lambda _: self._check(), ["sim_band", "stable_rank_band", "from_step"])
         self.refresh()
+
+    def __repr__(self) -> str:
+        steps = self._data["steps"]
+        return f"<opd_lens.LockMonitor run={self.run!r} checkpoints={len(steps)} alarms={len(self.alarms)}>"
 
     def refresh(self) -> None:
         """Re-read the store and redraw."""
