@@ -160,11 +160,12 @@ def _open(args: argparse.Namespace) -> Store:
     return store
 
 
-def _compute(args: argparse.Namespace) -> None:
+def _compute(args: argparse.Namespace) -> int:
     store = _open(args)
     report = store.compute(runs=[args.name], device=args.device, endpoint=args.endpoint, progress=not args.quiet)
     done = "steps " + ", ".join(str(step) for _, step in report.steps) if report.steps else "nothing new"
     print(f"{args.name}: computed {done}; {report.matrices_read} matrices read; store {args.store}")
+    return 2 if report.skipped else 0  # each skipped checkpoint was one warning line
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -273,8 +274,17 @@ def _zoo(args: argparse.Namespace) -> None:
     )
 
 
+_warned: set[tuple[str, str]] = set()
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"opd-lens: warning: {message}", file=sys.stderr)
+    """One line per warning, and one per checkpoint: ``watch`` skips a checkpoint still being written at every poll
+    until it is complete."""
+    path = getattr(message, "path", None)
+    key = ("path", str(path)) if path is not None else ("text", str(message))
+    if key not in _warned:
+        _warned.add(key)
+        print(f"opd-lens: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

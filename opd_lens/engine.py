@@ -11,7 +11,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
 from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, origin_factors, sim_k, svd64
-from .errors import CheckpointWarning
+from .errors import CheckpointError, CheckpointWarning
 from .store import (
     ANGLES,
     SCALARS,
@@ -51,6 +51,8 @@ class ComputeReport:
     """Matrices read from checkpoints (origin and checkpoint reads alike): 0 when nothing was new."""
     lock_updates: int = 0
     """(run, step) pairs whose lock_alignment was (re)computed against a new last step."""
+    skipped: list[str] = field(default_factory=list)
+    """Why each checkpoint left out was skipped (unreadable, not matching the origin); nothing was written for it."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class _MatrixResult:
     angles: dict[str, np.ndarray]
     basis: torch.Tensor
     reads: int
+    nonfinite: tuple[bool, str] | None = None
+    """(in the origin?, the tensor and its file) when W_0 or W_t holds NaN or Inf values."""
+
+
+class _StepError(CheckpointError):
+    """A checkpoint (not the origin) could not be read: its step is skipped, the others go on."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -107,10 +115,21 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
     origin = open_checkpoint(spec["origin"])
     if origin.fingerprint != spec["origin_fingerprint"]:
         raise StoreError(f"{origin.path}: the origin of run {name!r} changed since it was added; use a new store")
-    ckpts = find_checkpoints(spec["run_dir"])
+
+    def skip(path: Path, message: str) -> None:
+        warnings.warn(CheckpointWarning(message, path), stacklevel=2)
+        report.skipped.append(message)
+
+    refs = {}
+    for c in find_checkpoints(spec["run_dir"], on_skip=skip):
+        try:
+            refs[c.step] = (c, matched_matrices(origin, c, spec["include_globals"]))
+        except CheckpointError as e:
+            skip(c.path, f"skipping step {c.step}: {e}")
+    ckpts = [c for c, _ in refs.values()]
     done = store.completed_steps(name)
     bases = LockBases(store.run_cache(name))
-    ends = _endpoint_steps(endpoint, [c.step for c in ckpts])
+    ends = _endpoint_steps(endpoint, [c.step for c in ckpts]) if ckpts else set()
     missing_angles = ends - store.endpoint_steps(name)
     pending = []
     for c in ckpts:
@@ -123,13 +142,21 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
             )
         pending.append(c)
     if pending:
-        if max({*done, *(c.step for c in pending)}) in {c.step for c in pending}:
-            store.invalidate_lock_alignment(name)  # a new (or rewritten) final channel; before any write
-        refs = {c.step: matched_matrices(origin, c, spec["include_globals"]) for c in pending}
+        if (last := max({*done, *(c.step for c in pending)})) in done and last in {c.step for c in pending}:
+            # a rewritten final channel: before any write. A new last step needs nothing: lock_alignment shows only
+            # where it refers to the last complete step, so a compute that fails before completing it changes nothing
+            store.invalidate_lock_alignment(name)
         factors = store.cache_dir("origin", f"{origin.fingerprint[:16]}-{_settings_key(store.settings)}")
-        tasks = [(c, refs[c.step], store.step_slot(c.step), c.step in ends) for c in pending]
+        tasks = [(c, refs[c.step][1], store.step_slot(c.step), c.step in ends) for c in pending]
         execute = _run_dask if client is not None else _run_local
-        for c, reads in execute(store, name, origin, tasks, factors, device, client, progress):
+        for c, outcome in execute(store, name, origin, tasks, factors, device, client, progress):
+            if isinstance(outcome, CheckpointError):
+                skip(c.path, f"skipping step {c.step}: {outcome}")
+                continue
+            reads, nonfinite = outcome
+            for in_origin in (True, False):
+                if bad := [what for o, what in nonfinite if o == in_origin]:
+                    _warn_nonfinite("the origin" if in_origin else f"step {c.step}", bad)
             store.record_checkpoint(name, c.step, str(c.path), c.fingerprint)
             report.steps.append((name, c.step))
             report.matrices_read += reads
@@ -143,13 +170,18 @@ def _run_local(store, name, origin, tasks, factor_dir, device, client, progress)
     for ckpt, refs, slot, is_end in steps:
         steps.set_postfix_str(f"step {ckpt.step}")
         batched = {}
-        if is_end and dev.type == "cuda":
-            batched = batched_factors(ckpt, refs, store.settings.angle_k, dev)
         matrices = tqdm(refs, desc=f"step {ckpt.step}", unit="matrix", leave=False, disable=not progress)
-        results = [
-            _matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir, batched.get(matrix_key(ref)))
-            for ref in matrices
-        ]
+        try:
+            if is_end and dev.type == "cuda":
+                batched = batched_factors(ckpt, refs, store.settings.angle_k, dev)
+            results = [
+                _matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir, batched.get(matrix_key(ref)))
+                for ref in matrices
+            ]
+        except _StepError as e:
+            matrices.close()
+            yield ckpt, e
+            continue
         yield (
             ckpt,
             _write_task(store.data_path, store.grid(), run, slot, refs, results, store.run_cache(name), ckpt.step),
@@ -194,7 +226,12 @@ def _run_dask(store, name, origin, tasks, factor_dir, device, client, progress):
             )
         )
     for i, (ckpt, fut) in enumerate(tqdm(writes, desc=name, unit="step", disable=not progress)):
-        yield ckpt, fut.result() + (factor_reads if i == 0 else 0)
+        try:
+            reads, nonfinite = fut.result()
+        except _StepError as e:
+            yield ckpt, e
+            continue
+        yield ckpt, (reads + (factor_reads if i == 0 else 0), nonfinite)
 
 
 def _factor_task(origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_dir: Path, device) -> int:
@@ -208,7 +245,8 @@ def batched_factors(
     """Float64 SVDs of a checkpoint's matrices for the endpoint metrics, batching matrices of equal shape.
 
     Matrices of one shape (the same module across layers) go through one batched ``torch.linalg.svd`` call per
-    chunk of at most ``budget_bytes`` of float64 input, which keeps a GPU busy; keys are ``layer|module``.
+    chunk of at most ``budget_bytes`` of float64 input, which keeps a GPU busy; keys are ``layer|module``. Matrices
+    holding NaN or Inf are left out.
     """
     groups: dict[tuple[int, ...], list[MatrixRef]] = defaultdict(list)
     for ref in refs:
@@ -217,28 +255,72 @@ def batched_factors(
     for shape, group in groups.items():
         per_chunk = max(1, budget_bytes // (8 * math.prod(shape)))
         for i in range(0, len(group), per_chunk):
-            chunk = group[i : i + per_chunk]
-            f = svd64(torch.stack([ckpt.read_matrix(r).to(device) for r in chunk]), k)
-            out |= {matrix_key(r): Factors(f.u[j], f.s[j], f.vh[j]) for j, r in enumerate(chunk)}
+            read = ((r, _read_step(ckpt, r).to(device)) for r in group[i : i + per_chunk])
+            chunk = [(r, m) for r, m in read if bool(torch.isfinite(m).all())]
+            if chunk:
+                f = svd64(torch.stack([m for _, m in chunk]), k)
+                out |= {matrix_key(r): Factors(f.u[j], f.s[j], f.vh[j]) for j, (r, _) in enumerate(chunk)}
     return out
+
+
+def _warn_nonfinite(where: str, tensors: list[str]) -> None:
+    n = len(tensors)
+    warnings.warn(
+        CheckpointWarning(
+            f"{where}: {n} {'matrix holds' if n == 1 else 'matrices hold'} NaN or Inf values ({tensors[0]}"
+            f"{', ...' if n > 1 else ''}); the diagnostics these make undefined are recorded as NaN"
+        ),
+        stacklevel=4,
+    )
+
+
+def _read_step(ckpt: Checkpoint, ref: MatrixRef) -> torch.Tensor:
+    """A checkpoint's matrix; a failure skips the step (:class:`_StepError`), unlike one reading the origin."""
+    try:
+        return ckpt.read_matrix(ref)
+    except CheckpointError as e:
+        raise _StepError(str(e)) from None
 
 
 def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir, factors_t=None) -> _MatrixResult:
     dev = resolve_device(device)
     factors, reads = _load_factors(origin, ref, settings, factor_dir, dev, with_svd=is_end)
     w0 = origin.read_matrix(ref).to(dev)
-    wt = ckpt.read_matrix(ref).to(dev)
-    d = matrix_diagnostics(w0, wt, settings, factors, endpoint=is_end, factors_t=factors_t)
+    wt = _read_step(ckpt, ref).to(dev)
+    nonfinite = None
+    if factors is None:
+        nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
+    elif not bool(torch.isfinite(wt).all()):
+        nonfinite = False, f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
+    if nonfinite is None:
+        d = matrix_diagnostics(w0, wt, settings, factors, endpoint=is_end, factors_t=factors_t)
+    else:
+        d = _nonfinite_diagnostics(w0, wt, settings, factors)
     return _MatrixResult(
         scalars={name: getattr(d, name) for name in _STEP_SCALARS},
         angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
         basis=(d.lock_basis if d.update_fro > 0 else torch.full_like(d.lock_basis, math.nan)).to(torch.float32).cpu(),
         reads=reads + 2,
+        nonfinite=nonfinite,
     )
 
 
-def _write_task(path, grid, run, slot, refs, results, bases_dir, step) -> int:
-    """Write one (run, step) region from its matrices' results and save V_K bases; returns matrices read."""
+def _nonfinite_diagnostics(w0, wt, settings: Settings, factors: OriginFactors | None):
+    """The diagnostics of a pair holding NaN or Inf, without the SVDs they break: ‖ΔW‖_F, the spectra, angles and
+    spectral shift are NaN, and the mask overlaps too when W_0 is the one (its masks need its SVD); the unchanged
+    fraction follows the rules for NaN and Inf entries."""
+    if factors is None:
+        none = torch.zeros(w0.shape, dtype=torch.bool, device=w0.device)
+        d = matrix_diagnostics(w0, wt, settings, OriginFactors(None, none, none), endpoint=False)
+        d = replace(d, principal_overlap=math.nan, lowmag_overlap=math.nan)
+    else:
+        d = matrix_diagnostics(w0, wt, settings, replace(factors, factors=None), endpoint=False)
+    return replace(d, update_fro=d.update_fro if math.isfinite(d.update_fro) else math.nan)
+
+
+def _write_task(path, grid, run, slot, refs, results, bases_dir, step) -> tuple[int, list[tuple[bool, str]]]:
+    """Write one (run, step) region from its matrices' results and save V_K bases; returns the matrices read and
+    the tensors holding NaN or Inf."""
     layers, modules, k = grid
     shape = (len(layers), len(modules))
     scalars = {name: np.full(shape, np.nan, np.float32) for name in _STEP_SCALARS}
@@ -251,7 +333,7 @@ def _write_task(path, grid, run, slot, refs, results, bases_dir, step) -> int:
             angles[name][i, j, : profile.shape[0]] = profile
     LockBases(bases_dir).save(step, {matrix_key(r): res.basis for r, res in zip(refs, results, strict=True)})
     write_step(path, run, slot, scalars, angles)
-    return sum(res.reads for res in results)
+    return sum(res.reads for res in results), [res.nonfinite for res in results if res.nonfinite]
 
 
 def _update_lock_alignment(store: Store, name: str, bases: LockBases) -> int:
@@ -282,8 +364,9 @@ def _load_factors(
     """The origin factors of one matrix from the cache, computing and caching them on first use.
 
     ``with_svd=False`` reads only the masks from a cached file (all that steps without endpoint metrics need).
+    ``None`` (and nothing cached) when W_0 holds NaN or Inf, which have no SVD.
     """
-    file = Path(factor_dir) / f"{quote(matrix_key(ref), safe='')}.safetensors"
+    file = Path(factor_dir) / f"{_cache_name(matrix_key(ref))}.safetensors"
     if file.is_file():
         with safe_open(file, framework="pt", device=str(device)) as f:
             shape = tuple(int(d) for d in f.get_tensor("shape").tolist())
@@ -291,6 +374,8 @@ def _load_factors(
             svd = Factors(*(f.get_tensor(name) for name in ("u", "s", "vh"))) if with_svd else None
             return OriginFactors(svd, *masks), 0
     w0 = origin.read_matrix(ref).to(device)
+    if not bool(torch.isfinite(w0).all()):
+        return None, 1
     of = origin_factors(w0, settings)
     tensors = {
         "u": of.factors.u.cpu().contiguous(),
@@ -301,9 +386,18 @@ def _load_factors(
         "shape": torch.tensor(list(w0.shape)),
     }
     tmp = file.with_name(f".{file.name}.{id(tensors)}.tmp")
-    save_file(tensors, tmp)
-    tmp.replace(file)
+    try:
+        save_file(tensors, tmp)
+        tmp.replace(file)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
     return of, 1
+
+
+def _cache_name(key: str) -> str:
+    """A file name for a matrix key: quoted, or hashed when too long for the file system."""
+    name = quote(key, safe="")
+    return name if len(name) <= 200 else hashlib.sha256(key.encode()).hexdigest()
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:

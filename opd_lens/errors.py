@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "OpdLensError",
     "CheckpointError",
@@ -40,7 +42,12 @@ class UnsupportedTensorError(CheckpointError, TypeError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped or looks inconsistent; the message names it and says why."""
+    """A checkpoint was skipped or looks inconsistent; the message names it and says why. ``path``: the checkpoint
+    (or file) it is about, when known."""
+
+    def __init__(self, message: str = "", path: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 class ZooError(OpdLensError):

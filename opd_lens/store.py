@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.names import natural_key
 from .diagnostics import Settings
-from .errors import OpdLensError
+from .errors import CheckpointError, OpdLensError
 
 __all__ = [
     "compute",
@@ -98,7 +99,10 @@ def open_store(path: str | os.PathLike, settings: Settings | None = None, *, cre
             "settings": (settings or Settings()).asdict(),
             "runs": {},
         }
-        zarr.create_group(path / _DATA, attributes=attrs, overwrite=True)  # one atomic write of zarr.json
+        try:
+            zarr.create_group(path / _DATA, attributes=attrs, overwrite=True)  # one atomic write of zarr.json
+        except OSError as e:
+            raise StoreError(f"{path}: cannot create the store: {_why(e)}") from None
     store = Store(path)
     if settings is not None and settings != store.settings:
         raise StoreError(
@@ -174,8 +178,8 @@ class Store:
         if not isinstance(name, str) or not name.strip():
             raise StoreError(f"run name must be a non-empty string, got {name!r}")
         spec = {
-            "run_dir": str(Path(run_dir).resolve()),
-            "origin": str(Path(origin).resolve()),
+            "run_dir": _resolved(run_dir),
+            "origin": _resolved(origin),
             "method": method or name,
             "include_globals": include_globals,
         }
@@ -184,8 +188,8 @@ class Store:
             if {k: known[k] for k in spec} != spec:
                 raise StoreError(f"{self.path}: run {name!r} is already registered as {_describe(known)}")
             return
-        origin_ckpt = open_checkpoint(origin)
-        last = find_checkpoints(run_dir)[-1]
+        origin_ckpt = open_checkpoint(spec["origin"])
+        last = find_checkpoints(spec["run_dir"])[-1]
         refs = matched_matrices(origin_ckpt, last, include_globals)
         with self.writer():
             self._ensure_arrays(refs)
@@ -272,7 +276,10 @@ class Store:
 
     @contextmanager
     def writer(self) -> Iterator[Store]:
-        """Hold the store's writer lock (re-entrant within this object); repair an interrupted resize on entry."""
+        """Hold the store's writer lock (re-entrant within this object); repair an interrupted resize on entry.
+
+        A write that fails (a full disk, a read-only file system) raises :class:`StoreError`; what was written is
+        consistent, since a step becomes visible only with its ``complete`` flag, written last."""
         if self._locked:
             yield self
             return
@@ -281,6 +288,10 @@ class Store:
         try:
             self._finish_grow()
             yield self
+        except (OSError, SafetensorError) as e:
+            if isinstance(e, OpdLensError):  # CheckpointNotFoundError is an OSError too
+                raise
+            raise StoreError(f"{self.path}: cannot write the store: {_why(e)}") from None
         finally:
             self._locked = False
             (self.path / _LOCK).unlink(missing_ok=True)
@@ -437,8 +448,11 @@ class LockBases:
 
     def save(self, step: int, bases: dict[str, torch.Tensor]) -> None:
         tmp = self._file(step).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in bases.items()}, tmp)
-        tmp.replace(self._file(step))
+        try:
+            save_file({k: v.contiguous() for k, v in bases.items()}, tmp)
+            tmp.replace(self._file(step))
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
 
     def load(self, step: int) -> dict[str, torch.Tensor]:
         return load_file(self._file(step))
@@ -473,6 +487,13 @@ def write_lock_alignment(path: Path, run: int, slot: int, values: np.ndarray, re
     g["lock_ref"][run, slot] = ref_step
 
 
+def _resolved(path: str | os.PathLike) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
+        raise CheckpointError(f"{path}: cannot resolve the path: {e}") from None
+
+
 def _describe(run: Mapping) -> str:
     return f"run_dir {run['run_dir']}, origin {run['origin']}, method {run['method']!r}"
 
@@ -505,10 +526,21 @@ def _acquire(lock: Path) -> None:
                 f"{lock.parent}: store is locked by PID {pid} on {host} since {holder.get('since', '?')}; if that "
                 f"process is gone, delete {lock}"
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:  # a full disk: leave no empty lock behind
+            lock.unlink(missing_ok=True)
+            raise StoreError(f"{lock.parent}: cannot write the store lock {lock}: {_why(e)}") from None
         return
     raise StoreLockedError(f"{lock.parent}: cannot take the store lock {lock}")
+
+
+def _why(e: BaseException) -> str:
+    """An OS error in a few words: its reason and the file (``No space left on device: .../c/0/0``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
 
 
 def _age(path: Path) -> float:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWarning
-from .reader import INDEX_NAME, Checkpoint, open_checkpoint, read_trainer_step, weight_files
+from .reader import INDEX_NAME, Checkpoint, open_checkpoint, pickle_files, read_trainer_step, weight_files
 
 __all__ = ["Layout", "LAYOUTS", "find_checkpoints", "checkpoint_path"]
 
@@ -50,35 +51,70 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int, layout: str = "hf") -
     return Path(run_dir) / lay.dir_format.format(step=step) / lay.weights
 
 
-def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
+def find_checkpoints(
+    run_dir: str | os.PathLike,
+    *,
+    allow_pickle: bool | None = None,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> list[Checkpoint]:
     """The checkpoints of a run, sorted by step.
 
     Looks for ``checkpoint-N/`` (HF Trainer, TRL; the step comes from ``trainer_state.json`` when it has one),
     ``global_stepN_hf/`` and ``global_step_N_hf/`` (OpenRLHF), ``global_step_N/actor/huggingface/`` (verl),
     ``global_stepN/`` holding weights, and ``step_N/`` (prime-rl, also under ``weights/``, and plain). A directory
     with none of these that is itself a checkpoint is returned alone (step from ``trainer_state.json``, else 0).
-    A checkpoint that cannot be read (a shard missing, index and files disagreeing, a file still being written) is
-    skipped with a :class:`CheckpointWarning` naming it.
+    A checkpoint that cannot be read (a shard missing, index and files disagreeing, a file still being written, no
+    permission, a symbolic link that loops) is skipped with a :class:`CheckpointWarning` naming it, or reported to
+    ``on_skip(path, message)`` instead. ``allow_pickle``: see :func:`~opd_lens.checkpoints.open_checkpoint`.
     """
     run = Path(run_dir)
-    if not run.is_dir():
-        what = "is not a directory" if run.exists() else "does not exist"
-        raise CheckpointNotFoundError(f"{run}: run directory {what}")
+    skipped: list[tuple[Path, str]] = []
+    try:
+        checkpoints = _find(run, allow_pickle, skipped)
+    finally:
+        for path, message in skipped:
+            if on_skip is not None:
+                on_skip(path, message)
+            else:
+                warnings.warn(CheckpointWarning(message, path), stacklevel=2)
+    return checkpoints
+
+
+def _find(run: Path, allow_pickle: bool | None, skipped: list[tuple[Path, str]]) -> list[Checkpoint]:
+    try:
+        if not run.is_dir():
+            what = "is not a directory" if run.exists() else "does not exist"
+            raise CheckpointNotFoundError(f"{run}: run directory {what}")
+        bases = [base for base in (run / sub for sub in _SUBDIRS) if base.is_dir()]
+        entries = {base: sorted(base.iterdir(), key=lambda p: p.name) for base in bases}
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{e.filename or run}: cannot read the run directory: {e.strerror or e}") from None
     found: dict[int, tuple[int, Checkpoint]] = {}  # step -> (layout preference, checkpoint)
     unreadable = 0
     weightless: dict[int, Path] = {}
-    for base in (run / sub for sub in _SUBDIRS):
-        if found or not base.is_dir():
+    for base in bases:
+        if found:
             continue
-        for entry in sorted(base.iterdir(), key=lambda p: p.name):
-            match = _match(entry)
+        for entry in entries[base]:
+            try:
+                match = _match(entry)
+            except OSError as e:
+                match, why = None, f"cannot read: {e.strerror or e}"
+            else:
+                dangling = match is None and entry.is_symlink() and not entry.exists()
+                why = "a symbolic link that loops or points nowhere" if dangling else None
             if match is None:
+                if why and any(layout.match(entry.name) is not None for layout in LAYOUTS):
+                    skipped.append((entry, f"skipping {entry}: {why}"))
+                    unreadable += 1
                 continue
             step, weights, preference = match
             if weights is None:
                 weightless.setdefault(step, entry)
                 continue
-            ckpt = _open_or_warn(weights, step)
+            ckpt = _open_or_skip(weights, step, allow_pickle, skipped)
             if ckpt is None:
                 unreadable += 1
                 continue
@@ -87,7 +123,7 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
                 warnings.warn(
                     f"{dropped[1].path}: step {ckpt.step} is also in {kept[1].path}; using the latter",
                     CheckpointWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 found[ckpt.step] = kept
             else:
@@ -95,14 +131,13 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
     checkpoints = [found[s][1] for s in sorted(found)]
     for step, entry in sorted(weightless.items()):
         if step not in found:
-            warnings.warn(
+            message = (
                 f"skipping {entry}: no safetensors weights inside (DeepSpeed, FSDP or Megatron shards must be "
-                "converted to Hugging Face safetensors first)",
-                CheckpointWarning,
-                stacklevel=2,
+                "converted to Hugging Face safetensors first)"
             )
+            skipped.append((entry, message))
     if not found and not unreadable and not weightless and _has_weights(run):
-        ckpt = open_checkpoint(run)
+        ckpt = open_checkpoint(run, allow_pickle=allow_pickle)
         return [ckpt if ckpt.step is not None else replace(ckpt, step=0)]
     if not found:
         skipped = unreadable + len(weightless)
@@ -116,7 +151,8 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
 
 
 def _match(entry: Path) -> tuple[int, Path | None, int] | None:
-    """(step, weights directory or None if it holds no safetensors, layout preference) for a step directory."""
+    """(step, weights directory or None if it holds no weights, layout preference) for a step directory; a directory
+    that cannot be looked into counts as holding weights, so that opening it says why it cannot be read."""
     if not entry.is_dir():
         return None
     step = None
@@ -126,20 +162,28 @@ def _match(entry: Path) -> tuple[int, Path | None, int] | None:
             continue
         step = s
         weights = entry / layout.weights
-        if weights.is_dir() and _has_weights(weights):
+        try:
+            if weights.is_dir() and _has_weights(weights):
+                return step, weights, preference
+        except OSError:
             return step, weights, preference
     return None if step is None else (step, None, len(LAYOUTS))
 
 
 def _has_weights(path: Path) -> bool:
-    return (path / INDEX_NAME).is_file() or bool(weight_files(path))
-
-
-def _open_or_warn(path: Path, dir_step: int) -> Checkpoint | None:
     try:
-        ckpt = open_checkpoint(path, step=dir_step)
+        return (path / INDEX_NAME).is_file() or bool(weight_files(path)) or bool(pickle_files(path))
+    except OSError:
+        return True  # unreadable: open_checkpoint says why
+
+
+def _open_or_skip(
+    path: Path, dir_step: int, allow_pickle: bool | None, skipped: list[tuple[Path, str]]
+) -> Checkpoint | None:
+    try:
+        ckpt = open_checkpoint(path, step=dir_step, allow_pickle=allow_pickle)
     except CheckpointError as e:
-        warnings.warn(f"skipping incomplete checkpoint: {e}", CheckpointWarning, stacklevel=3)
+        skipped.append((path, f"skipping incomplete checkpoint: {e}"))
         return None
     trainer_step = read_trainer_step(path)
     if trainer_step is not None and trainer_step != dir_step:
@@ -147,7 +191,7 @@ def _open_or_warn(path: Path, dir_step: int) -> Checkpoint | None:
             f"{path}: trainer_state.json says global_step {trainer_step}, the directory name says {dir_step}; "
             f"using {trainer_step}",
             CheckpointWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return replace(ckpt, step=trainer_step)
     return ckpt

@@ -21,7 +21,8 @@ __all__ = ["MatrixRef", "MatrixPlan", "plan_matrices", "GLOBAL_LAYER"]
 GLOBAL_LAYER = -1
 """Layer index of opted-in matrices outside the numbered blocks (embeddings, lm_head)."""
 
-_BLOCK = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?P<kind>layers|layer|h|blocks)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+_BLOCK = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?P<kind>layers|layer|h|blocks)\.(?P<layer>[0-9]{1,18})\.(?P<rest>.+)$")
+"""A numbered block; its number is ASCII digits that fit the store's int64 ``layer`` coordinate."""
 _QKV = ("qkv_proj", "c_attn", "W_pack")
 _CONV1D = ("c_attn", "c_proj", "c_fc", "q_attn")
 _CONV1D_MODEL_TYPES = ("gpt2", "decision_transformer", "imagegpt")
@@ -114,7 +115,7 @@ def plan_matrices(
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders numbered parts numerically (``experts.2`` before ``experts.10``)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"([0-9]+)", name)))
 
 
 class _CannotSplit(Exception):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,12 +34,16 @@ __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "READABLE_DTYPES",
+    "PICKLE_ENV",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 READABLE_DTYPES = ("BF16", "F16", "F32", "F64")
 """safetensors dtypes the diagnostics accept; quantized weights (I8, F8_*) are refused with a clear error."""
+PICKLE_ENV = "OPD_LENS_ALLOW_PICKLE"
+"""Set to 1 to read pickle weights (``pytorch_model*.bin``, ``model*.pt``) with ``torch.load(weights_only=True)``."""
+_PICKLE_NAME = re.compile(r"(pytorch_)?model(-\d+-of-\d+)?\.(bin|pt|pth)")
 _MAX_HEADER = 100 * 2**20
 _SAMPLE = 64 * 2**10
 _DTYPE_BYTES = {
@@ -55,6 +62,16 @@ _DTYPE_BYTES = {
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+}
+_TORCH_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -103,9 +120,12 @@ class Checkpoint:
             try:
                 size = file.stat().st_size
                 with open(file, "rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    head = f.read(n + _SAMPLE)
-                    f.seek(max(8 + n, size - _SAMPLE))
+                    start = 0  # where the tensor data starts: after the header (a pickle has none)
+                    if file.suffix == ".safetensors":
+                        (n,) = struct.unpack("<Q", f.read(8))
+                        start = 8 + n
+                    head = f.read(start - f.tell() + _SAMPLE)
+                    f.seek(max(start, size - _SAMPLE))
                     tail = f.read(_SAMPLE)
             except (OSError, struct.error) as e:
                 raise CorruptCheckpointError(f"{file}: cannot read: {e}") from None
@@ -126,11 +146,7 @@ class Checkpoint:
     def read_matrix(self, ref: MatrixRef) -> torch.Tensor:
         """The (out, in) matrix ``ref`` in its stored dtype, reading only its expert slice and rows."""
         info = self._info(ref.tensor)
-        if info.dtype not in READABLE_DTYPES:
-            raise UnsupportedTensorError(
-                f"{info.file}: tensor {ref.tensor!r} is {info.dtype}; opd_lens analyses "
-                f"{'/'.join(READABLE_DTYPES)} weights only (dequantize the checkpoint first)"
-            )
+        _check_dtype(info, ref.tensor)
         lead = () if ref.expert is None else (ref.expert,)
         rows = slice(None) if ref.rows is None else slice(*ref.rows)
 
@@ -154,6 +170,14 @@ class Checkpoint:
 
     def _get(self, name: str, cut=None):
         info = self._info(name)
+        if info.file.suffix != ".safetensors":  # a pickle the user opted in to (see open_checkpoint)
+            t = _load_pickle(info.file).get(name)
+            if t is None:
+                raise CorruptCheckpointError(f"{info.file}: no longer holds tensor {name!r}")
+            try:
+                return (t if cut is None else cut(t)).clone()
+            except (AttributeError, IndexError, RuntimeError, TypeError) as e:
+                raise CorruptCheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
         try:
             with safe_open(info.file, framework="pt") as f:
                 return f.get_tensor(name) if cut is None else cut(f.get_slice(name))
@@ -161,16 +185,31 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
 
 
-def open_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike, step: int | None = None, *, allow_pickle: bool | None = None
+) -> Checkpoint:
     """Open and validate the checkpoint whose weights are in directory ``path``.
 
     Reads ``model.safetensors.index.json`` when present (every listed shard must exist and hold exactly the tensors
     the index assigns to it), otherwise every ``*.safetensors`` file but PEFT adapters. Each file's header must
     parse and match the file's size (a file still being written fails this). The step defaults to
     ``global_step`` in ``trainer_state.json``, if any. Raises :class:`CheckpointNotFoundError` or
-    :class:`CorruptCheckpointError` naming the file at fault.
+    :class:`CorruptCheckpointError` naming the file at fault (:class:`CheckpointError` if it cannot be read).
+
+    Pickle weights (``pytorch_model*.bin``, ``model*.pt``) are refused, since loading a pickle can run code, unless
+    ``allow_pickle`` (default: environment variable ``OPD_LENS_ALLOW_PICKLE=1``); they are then loaded with
+    ``torch.load(weights_only=True)``, memory-mapped.
     """
     path = Path(path)
+    try:
+        return _open(path, step, allow_pickle)
+    except CheckpointError:  # CheckpointNotFoundError is an OSError too
+        raise
+    except OSError as e:  # a directory or file we may not read, a symlink loop, ...
+        raise CheckpointError(f"{e.filename or path}: cannot read: {e.strerror or e}") from None
+
+
+def _open(path: Path, step: int | None, allow_pickle: bool | None) -> Checkpoint:
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise CheckpointNotFoundError(f"{path}: checkpoint directory {what}")
@@ -179,11 +218,19 @@ def open_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpo
         tensors = _read_sharded(index)
     else:
         files = weight_files(path)
+        if not files and (pickles := pickle_files(path)):
+            if not (allow_pickle if allow_pickle is not None else os.environ.get(PICKLE_ENV, "0") not in ("", "0")):
+                raise CheckpointNotFoundError(
+                    f"{pickles[0]}: a pickle checkpoint; opd_lens reads safetensors only by default, since loading a "
+                    f"pickle can run code. Convert it to safetensors, or opt in with {PICKLE_ENV}=1 (or "
+                    "allow_pickle=True) to load it with torch.load(weights_only=True)"
+                )
+            files = pickles
         if not files:
             raise CheckpointNotFoundError(f"{path}: no safetensors weights ({_what_is_here(path)})")
         tensors = {}
         for file in files:
-            for name, info in _read_header(file).items():
+            for name, info in (_read_header(file) if file.suffix == ".safetensors" else _pickle_header(file)).items():
                 if name in tensors:
                     raise CorruptCheckpointError(
                         f"{path}: tensor {name!r} is stored twice, in {tensors[name].file.name} and {file.name}"
@@ -217,11 +264,25 @@ def matched_matrices(origin: Checkpoint, checkpoint: Checkpoint, include_globals
                 f"tensor {r.tensor!r}: shape {r.shape} in {checkpoint.tensors[r.tensor].file} but "
                 f"{ref0[key].shape} in origin {origin.tensors[ref0[key].tensor].file}"
             )
+    for ckpt, refs in ((origin, ref0), (checkpoint, reft)):
+        for key in sorted(refs):
+            _check_dtype(ckpt.tensors[refs[key].tensor], refs[key].tensor)
     return [reft[k] for k in sorted(reft)]
 
 
+def _check_dtype(info: TensorInfo, name: str) -> None:
+    if info.dtype not in READABLE_DTYPES:
+        raise UnsupportedTensorError(
+            f"{info.file}: tensor {name!r} is {info.dtype}; opd_lens analyses "
+            f"{'/'.join(READABLE_DTYPES)} weights only (dequantize the checkpoint first)"
+        )
+
+
 def load_json(source: Path | bytes):
-    """Parse a JSON file (or bytes); every malformed input raises ValueError (OSError if unreadable)."""
+    """Parse a JSON file (or bytes); every malformed input raises ValueError (OSError if unreadable or not a regular
+    file: reading a FIFO would block)."""
+    if isinstance(source, Path) and source.exists() and not source.is_file():
+        raise OSError(f"{source}: not a regular file")
     raw = source.read_bytes() if isinstance(source, Path) else source
     try:
         return json.loads(raw)
@@ -239,8 +300,17 @@ def read_trainer_step(path: Path) -> int | None:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of model weights in ``path`` (PEFT adapter files are not model weights)."""
-    return sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+    """The safetensors files of model weights in ``path`` (PEFT adapter files are not model weights); OSError if
+    ``path`` cannot be listed."""
+    return sorted(
+        f for f in path.iterdir() if f.suffix == ".safetensors" and not f.name.startswith(("adapter_model", "."))
+    )
+
+
+def pickle_files(path: Path) -> list[Path]:
+    """The pickle weight files in ``path``: ``pytorch_model.bin`` and its shards, ``model.pt``, ``model.pth`` (not
+    optimizer states, training arguments or DeepSpeed shards)."""
+    return sorted(f for f in path.iterdir() if _PICKLE_NAME.fullmatch(f.name))
 
 
 def _read_sharded(index: Path) -> dict[str, TensorInfo]:
@@ -274,7 +344,10 @@ def _read_sharded(index: Path) -> dict[str, TensorInfo]:
 def _read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors header without loading data; check it describes exactly the file's bytes."""
     try:
-        size = file.stat().st_size
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block
+            raise CorruptCheckpointError(f"{file}: not a regular file")
+        size = st.st_size
         with open(file, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -316,6 +389,30 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a pickle, loaded with ``torch.load(weights_only=True)``: tensors and plain containers only,
+    no code runs. Memory-mapped when the file is in torch's zip format."""
+    try:
+        if not stat.S_ISREG(file.stat().st_mode):
+            raise CorruptCheckpointError(f"{file}: not a regular file")
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except CorruptCheckpointError:
+        raise
+    except Exception as e:  # torch.load raises many types for what is not a weights-only pickle
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CorruptCheckpointError(
+            f"{file}: cannot load as a weights-only pickle: {type(e).__name__}: {why}"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CorruptCheckpointError(f"{file}: not a state dict (a mapping of tensor names to tensors)")
+    return obj
+
+
+def _pickle_header(file: Path) -> dict[str, TensorInfo]:
+    tensors = _load_pickle(file).items()
+    return {k: TensorInfo(file, _TORCH_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors}
+
+
 def _prod(shape: tuple[int, ...]) -> int:
     out = 1
     for d in shape:
@@ -329,5 +426,5 @@ def _what_is_here(path: Path) -> str:
         return "found a PEFT/LoRA adapter, which opd_lens does not analyse yet; merge it into the base model first"
     pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
     if pickles:
-        return f"found pickle files {pickles[:4]}; opd_lens reads safetensors only"
+        return f"found pickle files {pickles[:4]} that are not model weights; opd_lens reads safetensors only"
     return f"contents: {names[:8]}" if names else "empty directory"

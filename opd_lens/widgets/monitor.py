@@ -24,9 +24,9 @@ class LockMonitor(anywidget.AnyWidget):
 
     Feed it with ``opd-lens watch`` (or the training callback) writing to ``store`` and call :meth:`refresh`, or
     :meth:`follow` to poll. ``run`` need not be in the store yet: until its first checkpoint is computed the view
-    waits (a live run is registered only once it has saved a checkpoint). A checkpoint (from ``from_step`` on) whose mean over matrices leaves a band raises an
-    alarm, listed in :attr:`alarms`. Sim_K is measured against the latest checkpoint, so the latest itself is 1 and
-    is not checked.
+    waits (a live run is registered only once it has saved a checkpoint). A checkpoint (from ``from_step`` on)
+    whose mean over matrices leaves a band raises an alarm, listed in :attr:`alarms`. Sim_K is measured against the
+    latest checkpoint, so the latest itself is 1 and is not checked.
     """
 
     _esm = STATIC / "monitor.js"
