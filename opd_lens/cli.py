@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 import warnings
@@ -14,6 +15,7 @@ import pandas as pd
 
 from . import __version__
 from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+from .checkpoints.reader import PICKLE_ENV
 from .diagnostics import Settings
 from .errors import OpdLensError
 from .store import Store, StoreError, open_store
@@ -26,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
+    if getattr(args, "allow_pickle", False):
+        os.environ[PICKLE_ENV] = "1"  # read wherever checkpoints are opened, Dask workers started later included
     try:
         return args.func(args) or 0
     except OpdLensError as e:
@@ -98,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         "--angle-k", type=int, help=f"k of the principal angles for a new store (default {Settings.angle_k})"
     )
     comp.add_argument(
+        "--mask-rank", type=int, help=f"rank r of the principal mask for a new store (default {Settings.mask_rank})"
+    )
+    comp.add_argument(
+        "--mask-alpha", type=float, help=f"mask fraction α for a new store (default {Settings.mask_alpha})"
+    )
+    comp.add_argument(
         "--exact",
         action="store_true",
         default=None,
@@ -138,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("run_dir", type=Path, help="a run directory or a single checkpoint directory")
     ins.add_argument("--origin", type=Path, help="origin checkpoint W_0 to check every checkpoint against")
     ins.add_argument("--include-globals", action="store_true", help="also analyse embeddings and lm_head")
+    _pickle_arg(ins)
     ins.set_defaults(func=_inspect)
     return p
 
@@ -148,10 +159,20 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="the run's name in the store")
     p.add_argument("--method", help="method label, e.g. sft, opd, rlvr (default: the name)")
     p.add_argument("--store", type=Path, required=True, help="the store directory (created if missing)")
+    _pickle_arg(p)
+
+
+def _pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=f"also read .bin/.pt checkpoints, with torch.load(weights_only=True) (or set {PICKLE_ENV}=1)",
+    )
 
 
 def _open(args: argparse.Namespace) -> Store:
-    given = {k: v for k in ("lock_k", "angle_k", "exact") if (v := getattr(args, k, None)) is not None}
+    keys = ("lock_k", "angle_k", "mask_rank", "mask_alpha", "exact")
+    given = {k: v for k in keys if (v := getattr(args, k, None)) is not None}
     store = open_store(args.store, Settings(**given) if not (args.store / "data.zarr").exists() else None)
     for key, value in given.items():
         if getattr(store.settings, key) != value:

@@ -136,3 +136,27 @@ def test_watch_computes_new_checkpoints_and_stops_cleanly(tmp_path):
     ds = opd_lens_api.open_store(store).dataset()
     assert ds.step.values.tolist() == [1, 2, 3]
     assert float(ds.lock_alignment.sel(run="live", step=3).mean()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_new_store_settings_and_pickle_opt_in_from_the_command_line(tmp_path, run):
+    import torch
+    from safetensors.torch import load_file
+
+    origin, run_dir = run
+    pickled = tmp_path / "pickled"
+    for ckpt in sorted(run_dir.glob("global_step_*/actor/huggingface")):
+        step = int(ckpt.parts[-3].removeprefix("global_step_"))
+        (pickled / f"checkpoint-{step}").mkdir(parents=True)
+        torch.save(load_file(ckpt / "model.safetensors"), pickled / f"checkpoint-{step}" / "pytorch_model.bin")
+    store = tmp_path / "store"
+    args = ["compute", str(pickled), "--origin", str(origin), "--name", "p", "--store", str(store), "--quiet"]
+    refused = opd_lens(*args, "--mask-rank", "8", "--mask-alpha", "0.3", "--angle-k", "16")
+    assert refused.returncode == 2 and "--allow-pickle" not in refused.stdout
+    assert refused.stderr.count("OPD_LENS_ALLOW_PICKLE=1") == 3  # one line per refused checkpoint
+    allowed = opd_lens(*args, "--allow-pickle")
+    assert allowed.returncode == 0, allowed.stderr
+    ds = opd_lens_api.open_store(store, create=False).dataset()
+    assert (ds.attrs["mask_rank"], ds.attrs["mask_alpha"], ds.attrs["angle_k"]) == (8, 0.3, 16)
+    assert [int(s) for s in ds.step.values] == [3, 6, 10]
+    other = opd_lens(*args, "--allow-pickle", "--mask-rank", "4")
+    assert other.returncode == 2 and other.stderr.strip().endswith("the store uses mask_rank=8, not 4")
