@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import __version__
-from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.reader import PICKLE_ENV
 from .diagnostics import Settings
 from .errors import OpdLensError
@@ -227,10 +227,28 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"{args.run_dir}: {len(ckpts)} checkpoint(s)")
     print(f"  {'step':>8}  {'matrices':>8}  {'dtypes':<10} path")
     for c in ckpts:
-        refs = matched_matrices(origin, c, args.include_globals) if origin else c.plan(args.include_globals).matrices
-        dtypes = ",".join(sorted({c.tensors[r.tensor].dtype for r in refs}))
+        if c.adapter is None:
+            refs = (
+                matched_matrices(origin, c, args.include_globals) if origin else c.plan(args.include_globals).matrices
+            )
+            stored = [r.tensor for r in refs]
+        else:  # the factors' dtypes; without the base, the adapted modules
+            refs = matched_matrices(origin, c, args.include_globals) if origin else c.adapter.pairs
+            stored = [name for p in c.adapter.pairs.values() for name in (p.a, p.b)]
+        dtypes = ",".join(sorted({c.tensors[name].dtype for name in stored}))
         print(f"  {c.step:>8}  {len(refs):>8}  {dtypes:<10} {c.path}")
-    plan = ckpts[-1].plan(args.include_globals)
+    last = ckpts[-1]
+    if last.adapter is not None:
+        ranks = "/".join(str(r) for r in sorted({p.rank for p in last.adapter.pairs.values()}))
+        print(
+            f"LoRA adapter: {len(last.adapter.pairs)} modules of rank {ranks}, analysed from the factors of ΔW = s·B·A"
+        )
+        if origin is None:
+            print("pass --origin BASE (the base model it adapts) to check it and list the matrices it updates")
+            return
+        plan = MatrixPlan(tuple(matched_matrices(origin, last, args.include_globals)), last.adapter.skipped)
+    else:
+        plan = last.plan(args.include_globals)
     layers = sorted({m.layer for m in plan.matrices})
     modules = sorted({m.module for m in plan.matrices})
     print(f"analysed: {len(plan.matrices)} matrices, layers {layers[0]}..{layers[-1]}, modules: {', '.join(modules)}")

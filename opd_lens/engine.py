@@ -22,7 +22,17 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
-from .diagnostics import Factors, OriginFactors, Settings, matrix_diagnostics, origin_factors, sim_k, svd64
+from .diagnostics import (
+    Factors,
+    OriginFactors,
+    Settings,
+    lora_diagnostics,
+    lora_weight,
+    matrix_diagnostics,
+    origin_factors,
+    sim_k,
+    svd64,
+)
 from .errors import CheckpointError, CheckpointWarning
 from .store import (
     ANGLES,
@@ -173,7 +183,7 @@ def _run_local(store, name, origin, tasks, factor_dir, device, client, progress)
         matrices = tqdm(refs, desc=f"step {ckpt.step}", unit="matrix", leave=False, disable=not progress)
         try:
             if is_end and dev.type == "cuda":
-                batched = batched_factors(ckpt, refs, store.settings.angle_k, dev)
+                batched = batched_factors(ckpt, refs, store.settings.angle_k, dev, origin=origin)
             results = [
                 _matrix_task(origin, ckpt, ref, store.settings, is_end, dev, factor_dir, batched.get(matrix_key(ref)))
                 for ref in matrices
@@ -240,13 +250,18 @@ def _factor_task(origin: Checkpoint, ref: MatrixRef, settings: Settings, factor_
 
 
 def batched_factors(
-    ckpt: Checkpoint, refs: Sequence[MatrixRef], k: int, device, budget_bytes: int = 2**30
+    ckpt: Checkpoint,
+    refs: Sequence[MatrixRef],
+    k: int,
+    device,
+    budget_bytes: int = 2**30,
+    origin: Checkpoint | None = None,
 ) -> dict[str, Factors]:
     """Float64 SVDs of a checkpoint's matrices for the endpoint metrics, batching matrices of equal shape.
 
     Matrices of one shape (the same module across layers) go through one batched ``torch.linalg.svd`` call per
     chunk of at most ``budget_bytes`` of float64 input, which keeps a GPU busy; keys are ``layer|module``. Matrices
-    holding NaN or Inf are left out.
+    holding NaN or Inf are left out. A LoRA adapter's W_t = W_0 + ΔW needs the ``origin`` W_0.
     """
     groups: dict[tuple[int, ...], list[MatrixRef]] = defaultdict(list)
     for ref in refs:
@@ -255,7 +270,7 @@ def batched_factors(
     for shape, group in groups.items():
         per_chunk = max(1, budget_bytes // (8 * math.prod(shape)))
         for i in range(0, len(group), per_chunk):
-            read = ((r, _read_step(ckpt, r).to(device)) for r in group[i : i + per_chunk])
+            read = ((r, _dense_step(origin, ckpt, r, device)) for r in group[i : i + per_chunk])
             chunk = [(r, m) for r, m in read if bool(torch.isfinite(m).all())]
             if chunk:
                 f = svd64(torch.stack([m for _, m in chunk]), k)
@@ -274,28 +289,48 @@ def _warn_nonfinite(where: str, tensors: list[str]) -> None:
     )
 
 
-def _read_step(ckpt: Checkpoint, ref: MatrixRef) -> torch.Tensor:
-    """A checkpoint's matrix; a failure skips the step (:class:`_StepError`), unlike one reading the origin."""
+def _read_step(read, ref: MatrixRef) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``read(ref)`` from a checkpoint; a failure skips the step (:class:`_StepError`), unlike one reading the
+    origin."""
     try:
-        return ckpt.read_matrix(ref)
+        return read(ref)
     except CheckpointError as e:
         raise _StepError(str(e)) from None
+
+
+def _dense_step(origin: Checkpoint | None, ckpt: Checkpoint, ref: MatrixRef, device) -> torch.Tensor:
+    """W_t of ``ref`` on ``device``: read, or for a LoRA adapter W_0 + ΔW in float64."""
+    if ckpt.adapter is None:
+        return _read_step(ckpt.read_matrix, ref).to(device)
+    if origin is None:
+        raise ValueError(f"{ckpt.path}: a LoRA adapter's weights need the origin W_0")
+    return lora_weight(origin.read_matrix(ref).to(device), *(f.to(device) for f in _read_step(ckpt.read_lora, ref)))
 
 
 def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir, factors_t=None) -> _MatrixResult:
     dev = resolve_device(device)
     factors, reads = _load_factors(origin, ref, settings, factor_dir, dev, with_svd=is_end)
     w0 = origin.read_matrix(ref).to(dev)
-    wt = _read_step(ckpt, ref).to(dev)
+    if ckpt.adapter is None:
+        lora, wt = None, _read_step(ckpt.read_matrix, ref).to(dev)
+    else:
+        lora, wt = tuple(f.to(dev) for f in _read_step(ckpt.read_lora, ref)), None
     nonfinite = None
     if factors is None:
         nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
-    elif not bool(torch.isfinite(wt).all()):
-        nonfinite = False, f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
-    if nonfinite is None:
+    elif not all(bool(torch.isfinite(t).all()) for t in (lora or (wt,))):
+        nonfinite = (
+            False,
+            f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
+            if lora is None
+            else (f"the LoRA factors of {ref.tensor!r} in {ckpt.path}"),
+        )
+    if nonfinite is None and lora is not None:
+        d = lora_diagnostics(w0, *lora, settings, factors, endpoint=is_end, factors_t=factors_t)
+    elif nonfinite is None:
         d = matrix_diagnostics(w0, wt, settings, factors, endpoint=is_end, factors_t=factors_t)
     else:
-        d = _nonfinite_diagnostics(w0, wt, settings, factors)
+        d = _nonfinite_diagnostics(w0, wt if lora is None else lora_weight(w0, *lora), settings, factors)
     return _MatrixResult(
         scalars={name: getattr(d, name) for name in _STEP_SCALARS},
         angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
@@ -351,7 +386,7 @@ def _update_lock_alignment(store: Store, name: str, bases: LockBases) -> int:
     for step in stale:
         values = np.full((len(layers), len(modules)), np.nan, np.float32)
         for key, basis in bases.load(step).items():
-            if key in final:
+            if key in final and final[key].shape == basis.shape:  # LoRA steps of other ranks: no common K
                 layer, module = parse_matrix_key(key)
                 values[layers[layer], modules[module]] = float(sim_k(basis, final[key]))
         write_lock_alignment(store.data_path, run, store.step_slot(step), values, last)

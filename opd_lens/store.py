@@ -213,7 +213,8 @@ class Store:
         return compute_store(self, **kwargs)
 
     def dataset(self, lazy: bool = False) -> xr.Dataset:
-        """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords.
+        """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords, and
+        ``expert`` / ``projection`` along ``module`` to group MoE experts (see :meth:`_expert_coords`).
 
         By default a snapshot loaded into memory. ``lazy=True`` (needs dask) keeps the variables as dask arrays
         read on demand, one (run, step) chunk at a time, for stores too large for memory; such a Dataset reads
@@ -248,6 +249,7 @@ class Store:
             layer=np.argsort(out.layer.values, kind="stable"),
             module=sorted(range(out.sizes["module"]), key=lambda i: natural_key(str(out.module.values[i]))),
         )
+        out = out.assign_coords(self._expert_coords(out.module.values))
         out = out.transpose("run", "step", "layer", "module", "angle_index")
         out.attrs = {
             "schema_version": SCHEMA_VERSION,
@@ -256,6 +258,26 @@ class Store:
             "runs": runs,
         }
         return out
+
+    @staticmethod
+    def _expert_coords(modules) -> dict[str, tuple[str, np.ndarray]]:
+        """The ``expert`` and ``projection`` coords along ``module``: ``expert`` is ``e`` in a module named
+        ``….experts.{e}.…`` (-1 for any other matrix), ``projection`` the name without ``.{e}``
+        (``mlp.experts.3.down_proj`` -> ``mlp.experts.down_proj``), or the module name itself."""
+        expert, projection = [], []
+        for module in map(str, modules):
+            parts = module.split(".")
+            hits = [
+                i
+                for i in range(1, len(parts) - 1)
+                if parts[i - 1].rpartition("/")[2] == "experts" and parts[i].isascii() and parts[i].isdigit()
+            ]
+            expert.append(int(parts[hits[0]]) if hits else -1)
+            projection.append(".".join(parts[: hits[0]] + parts[hits[0] + 1 :]) if hits else module)
+        return {
+            "expert": ("module", np.array(expert, dtype=np.int64)),
+            "projection": ("module", np.array(projection, dtype=str)),
+        }
 
     def _open_raw(self, lazy: bool, attempts: int = 5) -> xr.Dataset:
         """The raw arrays; retried while a writer is between resizing two arrays."""

@@ -25,10 +25,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import opd_lens
+import opd_lens.diagnostics.linalg as linalg
 import opd_lens.engine as engine
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from opd_lens.cli import main as cli_main
-from opd_lens.diagnostics import Settings, matrix_diagnostics, svd64, top_spectrum
+from opd_lens.diagnostics import Settings, matrix_diagnostics, principal_angles, svd64, top_spectrum
 from opd_lens.diagnostics.trajectory import hill_alpha, stable_rank
 from opd_lens.synthetic import qwen3_config, write_planted_run
 
@@ -648,3 +649,77 @@ def test_batched_factors_equal_per_matrix_svd(three_layer_run, budget, monkeypat
         np.testing.assert_allclose(pv, ref_f.vh.numpy().T @ ref_f.vh.numpy(), atol=1e-10)
         # and it is the factorisation of this matrix
         np.testing.assert_allclose(w.double().numpy() @ f.vh.numpy().T, f.u.numpy() * f.s.numpy()[:k], atol=1e-10)
+
+
+# --- 10. the QR route of svd64 for large tall and wide matrices --------------------------------------------------
+
+
+@pytest.fixture
+def qr_route(monkeypatch):
+    """svd64 takes its QR route at any size; returns the list of what each attempt gave (None: fell back)."""
+    attempts = []
+    real = linalg._svd64_tall
+
+    def spy(w, k, left):
+        f = real(w, k, left)
+        attempts.append(f)
+        return f
+
+    monkeypatch.setattr(linalg, "LEAN_MIN_NUMEL", 0)
+    monkeypatch.setattr(linalg, "_svd64_tall", spy)
+    return attempts
+
+
+@pytest.mark.parametrize("shape", [(720, 240), (240, 720), (400, 200)], ids=["tall", "wide", "ratio2"])
+def test_svd64_qr_route_matches_the_oracle(qr_route, shape):
+    m, n = shape
+    s_true = 1.0 / np.sqrt(1.0 + np.arange(min(m, n)))  # distinct singular values: vectors defined up to sign
+    w = torch.from_numpy(with_spectrum(m, n, s_true, seed=3))
+    k = 64
+    f = svd64(w, k)
+    assert len(qr_route) == 1 and qr_route[0] is not None  # the QR route was taken and kept
+    u, s, vt = np.linalg.svd(w.numpy(), full_matrices=False)
+    assert f.u.shape == (m, k) and f.vh.shape == (k, n) and f.s.shape == (min(m, n),)
+    assert f.u.dtype == f.s.dtype == f.vh.dtype == torch.float64
+    np.testing.assert_allclose(f.s.numpy(), s, rtol=0, atol=1e-13 * s[0])
+    np.testing.assert_allclose(f.u.numpy() @ f.u.numpy().T, u[:, :k] @ u[:, :k].T, atol=1e-11)
+    np.testing.assert_allclose(f.vh.numpy().T @ f.vh.numpy(), vt[:k].T @ vt[:k], atol=1e-11)
+    np.testing.assert_allclose(f.u.numpy().T @ f.u.numpy(), np.eye(k), atol=1e-12)
+    np.testing.assert_allclose(w.numpy() @ f.vh.numpy().T, f.u.numpy() * f.s.numpy()[:k], atol=1e-12)
+    right = svd64(w, k, left=False)
+    assert right.u.shape == (m, 0)
+    np.testing.assert_allclose(right.vh.numpy().T @ right.vh.numpy(), vt[:k].T @ vt[:k], atol=1e-11)
+    # and the diagnostics built on it: principal angles against the plain SVD of another matrix
+    w2 = w + 0.01 * torch.from_numpy(with_spectrum(m, n, s_true, seed=4))
+    angles = principal_angles(w, w2, k)
+    plain = linalg.Factors(*torch.linalg.svd(w, full_matrices=False))
+    plain2 = linalg.Factors(*torch.linalg.svd(w2, full_matrices=False))
+    expected = principal_angles(w, w2, k, plain, plain2)
+    for got, want in zip(angles, expected, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-9)
+
+
+def test_svd64_qr_route_falls_back_when_ill_conditioned(qr_route):
+    """A rank-5 matrix has σ_k ≈ 0 for k > 5: U_k = W V_k Σ_k⁻¹ is undefined, so the plain SVD is taken."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 200, generator=g, dtype=torch.float64)
+    f = svd64(w, 16)
+    assert qr_route == [None]
+    np.testing.assert_allclose(f.u.numpy().T @ f.u.numpy(), np.eye(16), atol=1e-12)
+    np.testing.assert_allclose(w.numpy() @ f.vh.numpy().T, f.u.numpy() * f.s.numpy()[:16], atol=1e-10)
+    assert svd64(w, 16, left=False).vh.shape == (16, 200)  # V alone needs no U: the QR route is kept
+    assert qr_route[-1] is not None
+
+
+def test_svd64_qr_route_only_for_large_tall_or_wide_cpu_matrices(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linalg, "LEAN_MIN_NUMEL", 10_000)
+    monkeypatch.setattr(linalg, "_svd64_tall", lambda w, k, left: calls.append(w.shape))  # None: the plain SVD
+    svd64(torch.randn(150, 60), 8)  # 9000 entries: below LEAN_MIN_NUMEL
+    svd64(torch.randn(120, 120), 8)  # square
+    svd64(torch.randn(3, 200, 60), 8)  # a batch
+    svd64(torch.randn(200, 60), None)  # every vector
+    assert calls == []
+    svd64(torch.randn(200, 60), 8)
+    svd64(torch.randn(60, 200), 8)
+    assert calls == [(200, 60), (200, 60)]  # the wide one transposed

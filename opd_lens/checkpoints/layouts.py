@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWarning
-from .reader import INDEX_NAME, Checkpoint, open_checkpoint, pickle_files, read_trainer_step, weight_files
+from .adapters import adapter_dir
+from .foreign import foreign_layout
+from .reader import INDEX_NAME, Checkpoint, dcp_dir, open_checkpoint, pickle_files, read_trainer_step, weight_files
 
 __all__ = ["Layout", "LAYOUTS", "find_checkpoints", "checkpoint_path"]
 
@@ -40,7 +42,7 @@ LAYOUTS = (
 )
 """Known layouts, in order of preference when two directories claim the same step."""
 
-_SUBDIRS = ("", "weights")  # prime-rl keeps standalone HF weights in weights/step_N
+_SUBDIRS = ("", "weights", "checkpoints")  # prime-rl: standalone HF weights/step_N, DCP checkpoints/step_N
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int, layout: str = "hf") -> Path:
@@ -61,8 +63,12 @@ def find_checkpoints(
 
     Looks for ``checkpoint-N/`` (HF Trainer, TRL; the step comes from ``trainer_state.json`` when it has one),
     ``global_stepN_hf/`` and ``global_step_N_hf/`` (OpenRLHF), ``global_step_N/actor/huggingface/`` (verl),
-    ``global_stepN/`` holding weights, and ``step_N/`` (prime-rl, also under ``weights/``, and plain). A directory
-    with none of these that is itself a checkpoint is returned alone (step from ``trainer_state.json``, else 0).
+    ``global_stepN/`` holding weights, and ``step_N/`` (prime-rl, also under ``weights/``, else ``checkpoints/``,
+    and plain). Weights are safetensors, or a torch DCP checkpoint in the step directory or in its
+    ``pytorch_model_fsdp_0/`` (HF Trainer FSDP) or ``trainer/`` (prime-rl). A directory with none of these that is
+    itself a checkpoint is returned alone (step from ``trainer_state.json``, else 0). A step directory in a layout
+    opd_lens does not read (DeepSpeed ZeRO, verl FSDP shards, Megatron ``dist_ckpt``) is skipped with a warning
+    naming the converter to run.
     A checkpoint that cannot be read (a shard missing, index and files disagreeing, a file still being written, no
     permission, a symbolic link that loops) is skipped with a :class:`CheckpointWarning` naming it, or reported to
     ``on_skip(path, message)`` instead. ``allow_pickle``: see :func:`~opd_lens.checkpoints.open_checkpoint`.
@@ -129,23 +135,29 @@ def _find(run: Path, allow_pickle: bool | None, skipped: list[tuple[Path, str]])
             else:
                 found[ckpt.step] = (preference, ckpt)
     checkpoints = [found[s][1] for s in sorted(found)]
+    foreign = None  # what the first step directory in a layout opd_lens does not read is, and how to convert it
     for step, entry in sorted(weightless.items()):
         if step not in found:
-            message = (
-                f"skipping {entry}: no safetensors weights inside (DeepSpeed, FSDP or Megatron shards must be "
-                "converted to Hugging Face safetensors first)"
-            )
-            skipped.append((entry, message))
+            what = foreign_layout(entry)
+            foreign = foreign or (what and f"{entry.name} is {what}")
+            why = what or "no safetensors or torch DCP weights inside (convert them to Hugging Face safetensors)"
+            skipped.append((entry, f"skipping {entry}: {why}"))
     if not found and not unreadable and not weightless and _has_weights(run):
         ckpt = open_checkpoint(run, allow_pickle=allow_pickle)
         return [ckpt if ckpt.step is not None else replace(ckpt, step=0)]
     if not found:
         skipped = unreadable + len(weightless)
+        if foreign is None and (what := foreign_layout(run)):
+            foreign = f"it is {what}"
         raise CheckpointNotFoundError(
             f"{run}: no readable checkpoints"
             + (f" ({skipped} skipped, see warnings)" if skipped else "")
-            + "; expected checkpoint-N/, global_step_N[_hf]/, global_step_N/actor/huggingface/ or step_N/ "
-            "directories with safetensors weights, or a checkpoint directory itself"
+            + "; "
+            + (
+                foreign
+                or "expected checkpoint-N/, global_step_N[_hf]/, global_step_N/actor/huggingface/ or step_N/ "
+                "directories with safetensors or torch DCP weights, or a checkpoint directory itself"
+            )
         )
     return checkpoints
 
@@ -172,7 +184,13 @@ def _match(entry: Path) -> tuple[int, Path | None, int] | None:
 
 def _has_weights(path: Path) -> bool:
     try:
-        return (path / INDEX_NAME).is_file() or bool(weight_files(path)) or bool(pickle_files(path))
+        return (
+            (path / INDEX_NAME).is_file()
+            or bool(weight_files(path))
+            or bool(pickle_files(path))
+            or adapter_dir(path) is not None
+            or dcp_dir(path) is not None
+        )
     except OSError:
         return True  # unreadable: open_checkpoint says why
 

@@ -24,6 +24,8 @@ from ..errors import (
     ShapeMismatchError,
     UnsupportedTensorError,
 )
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, adapter_dir, parse_adapter
+from .foreign import foreign_layout, is_megatron
 from .names import MatrixPlan, MatrixRef, plan_matrices
 
 __all__ = [
@@ -41,6 +43,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 READABLE_DTYPES = ("BF16", "F16", "F32", "F64")
 """safetensors dtypes the diagnostics accept; quantized weights (I8, F8_*) are refused with a clear error."""
+DCP_METADATA = ".metadata"
+DCP_SUBDIRS = ("pytorch_model_fsdp_0", "trainer")
+"""Where a torch DCP checkpoint of the model sits in a step directory: HF Trainer/Accelerate FSDP, prime-rl."""
 PICKLE_ENV = "OPD_LENS_ALLOW_PICKLE"
 """Set to 1 to read pickle weights (``pytorch_model*.bin``, ``model*.pt``) with ``torch.load(weights_only=True)``."""
 _PICKLE_NAME = re.compile(r"(pytorch_)?model(-\d+-of-\d+)?\.(bin|pt|pth)")
@@ -86,7 +91,8 @@ class TensorInfo:
 
 @dataclass(frozen=True, eq=False)
 class Checkpoint:
-    """One model checkpoint on disk: a directory with ``model.safetensors`` or shards and their index.
+    """One model checkpoint on disk: a directory with ``model.safetensors`` or shards and their index, or a PEFT
+    LoRA adapter (``adapter``), whose matrices are those of the base model it adapts.
 
     Construct with :func:`open_checkpoint` (which validates every header against the file sizes and the index);
     tensors are read lazily, one at a time, through ``safetensors.safe_open``.
@@ -95,6 +101,7 @@ class Checkpoint:
     path: Path
     step: int | None
     tensors: Mapping[str, TensorInfo]
+    adapter: Adapter | None = None
 
     def __repr__(self) -> str:
         return f"Checkpoint(step={self.step}, path='{self.path}', tensors={len(self.tensors)})"
@@ -116,7 +123,12 @@ class Checkpoint:
         a cryptographic hash of every byte.
         """
         h = hashlib.sha256()
-        for file in sorted({info.file for info in self.tensors.values()}):
+        if self.adapter is not None:  # the scale is in the config
+            for config in sorted({info.file.parent / ADAPTER_CONFIG for info in self.tensors.values()}):
+                h.update(_read_small(config))
+        files = {info.file for info in self.tensors.values()}
+        files |= {f for m in files if m.name == DCP_METADATA for f in m.parent.glob("*.distcp")}  # DCP's data
+        for file in sorted(files):
             try:
                 size = file.stat().st_size
                 with open(file, "rb") as f:
@@ -134,6 +146,7 @@ class Checkpoint:
 
     def plan(self, include_globals: bool = False) -> MatrixPlan:
         """The analysed matrices of this checkpoint (see :mod:`opd_lens.checkpoints.names`)."""
+        self._not_adapter()
         try:
             return plan_matrices({k: v.shape for k, v in self.tensors.items()}, self.config, include_globals)
         except ValueError as e:
@@ -145,6 +158,7 @@ class Checkpoint:
 
     def read_matrix(self, ref: MatrixRef) -> torch.Tensor:
         """The (out, in) matrix ``ref`` in its stored dtype, reading only its expert slice and rows."""
+        self._not_adapter()
         info = self._info(ref.tensor)
         _check_dtype(info, ref.tensor)
         lead = () if ref.expert is None else (ref.expert,)
@@ -162,6 +176,27 @@ class Checkpoint:
             )
         return m.contiguous()
 
+    def read_lora(self, ref: MatrixRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """An adapter's update of the base matrix ``ref`` as float64 factors (L, R), ΔW = L·R with L = s·B (rows cut
+        as ``ref`` cuts the base tensor) and R = A, or L = s·Aᵀ, R = Bᵀ for an embedding."""
+        pair = self.adapter.pair_for(ref.tensor) if self.adapter is not None else None
+        if pair is None:
+            raise CheckpointError(f"{self.path}: holds no LoRA factors for {ref.tensor!r}")
+        for name in (pair.a, pair.b):
+            _check_dtype(self._info(name), name)
+        a, b = (self._get(name).to(torch.float64) for name in (pair.a, pair.b))
+        left, right = (a.mT, b.mT) if pair.embedding else (b, a)
+        if ref.rows is not None:
+            left = left[slice(*ref.rows)]
+        return left * pair.scale, right
+
+    def _not_adapter(self) -> None:
+        if self.adapter is not None:
+            raise CheckpointError(
+                f"{self.path}: a LoRA adapter; its matrices are those of the base model it adapts (pass the base "
+                "model as the origin)"
+            )
+
     def _info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
@@ -170,8 +205,13 @@ class Checkpoint:
 
     def _get(self, name: str, cut=None):
         info = self._info(name)
-        if info.file.suffix != ".safetensors":  # a pickle the user opted in to (see open_checkpoint)
-            t = _load_pickle(info.file).get(name)
+        if info.file.suffix != ".safetensors":  # torch DCP, or a pickle the user opted in to (see open_checkpoint)
+            if info.file.name == DCP_METADATA:
+                from .dcp import read_dcp_tensor  # torch.distributed.checkpoint is slow to import: only when needed
+
+                t = read_dcp_tensor(info.file, name)
+            else:
+                t = _load_pickle(info.file).get(name)
             if t is None:
                 raise CorruptCheckpointError(f"{info.file}: no longer holds tensor {name!r}")
             try:
@@ -191,8 +231,11 @@ def open_checkpoint(
     """Open and validate the checkpoint whose weights are in directory ``path``.
 
     Reads ``model.safetensors.index.json`` when present (every listed shard must exist and hold exactly the tensors
-    the index assigns to it), otherwise every ``*.safetensors`` file but PEFT adapters. Each file's header must
-    parse and match the file's size (a file still being written fails this). The step defaults to
+    the index assigns to it), otherwise every ``*.safetensors`` file but PEFT adapters, otherwise a torch
+    distributed checkpoint (DCP, see :mod:`~opd_lens.checkpoints.dcp`) in ``path`` or in its subdirectory
+    ``pytorch_model_fsdp_0/`` (HF Trainer FSDP) or ``trainer/`` (prime-rl). Each file's header must parse and match
+    the file's size (a file still being written fails this). DeepSpeed ZeRO, verl FSDP and Megatron checkpoints
+    raise :class:`CheckpointNotFoundError` saying which converter to run. The step defaults to
     ``global_step`` in ``trainer_state.json``, if any. Raises :class:`CheckpointNotFoundError` or
     :class:`CorruptCheckpointError` naming the file at fault (:class:`CheckpointError` if it cannot be read).
 
@@ -214,8 +257,15 @@ def _open(path: Path, step: int | None, allow_pickle: bool | None) -> Checkpoint
         what = "is not a directory" if path.exists() else "does not exist"
         raise CheckpointNotFoundError(f"{path}: checkpoint directory {what}")
     index = path / INDEX_NAME
+    adapter = None
     if index.is_file():
         tensors = _read_sharded(index)
+    elif not weight_files(path) and (directory := adapter_dir(path)) is not None:
+        tensors, adapter = _read_adapter(directory)
+    elif not weight_files(path) and (directory := dcp_dir(path)) is not None:
+        from .dcp import read_dcp  # torch.distributed.checkpoint is slow to import: only when needed
+
+        tensors = read_dcp(directory)
     else:
         files = weight_files(path)
         if not files and (pickles := pickle_files(path)):
@@ -227,7 +277,8 @@ def _open(path: Path, step: int | None, allow_pickle: bool | None) -> Checkpoint
                 )
             files = pickles
         if not files:
-            raise CheckpointNotFoundError(f"{path}: no safetensors weights ({_what_is_here(path)})")
+            why = foreign_layout(path) or f"no safetensors weights ({_what_is_here(path)})"
+            raise CheckpointNotFoundError(f"{path}: {why}")
         tensors = {}
         for file in files:
             for name, info in (_read_header(file) if file.suffix == ".safetensors" else _pickle_header(file)).items():
@@ -240,12 +291,32 @@ def _open(path: Path, step: int | None, allow_pickle: bool | None) -> Checkpoint
         raise CorruptCheckpointError(f"{path}: the checkpoint holds no tensors")
     if step is None:
         step = read_trainer_step(path)
-    return Checkpoint(path=path, step=step, tensors=tensors)
+    return Checkpoint(path=path, step=step, tensors=tensors, adapter=adapter)
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, TensorInfo], Adapter]:
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.exists():
+        raise CheckpointNotFoundError(f"{path}: {ADAPTER_WEIGHTS} without {ADAPTER_CONFIG}; save the adapter with it")
+    try:
+        config = load_json(config_file)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{config_file}: unreadable adapter config: {e}") from None
+    tensors = _read_header(path / ADAPTER_WEIGHTS)
+    return tensors, parse_adapter(path, config, {name: info.shape for name, info in tensors.items()})
 
 
 def matched_matrices(origin: Checkpoint, checkpoint: Checkpoint, include_globals: bool = False) -> list[MatrixRef]:
     """The analysed matrices of ``checkpoint``, checked against ``origin``: the same (layer, module) keys with the
-    same shapes, else :class:`CheckpointError` / :class:`ShapeMismatchError` naming both files and the tensor."""
+    same shapes (for a LoRA adapter: the origin's matrices it updates, which its factors must fit), else
+    :class:`CheckpointError` / :class:`ShapeMismatchError` naming both files and the tensor."""
+    if checkpoint.adapter is not None:
+        refs = origin.plan(include_globals).matrices
+        shapes = {name: info.shape for name, info in origin.tensors.items()}
+        adapted = checkpoint.adapter.adapted(checkpoint.path, origin.path, shapes, list(refs))
+        return [r for r in refs if r.tensor in adapted]
     ref0 = origin.plan(include_globals).by_key()
     reft = checkpoint.plan(include_globals).by_key()
     for keys, here, there in (
@@ -311,6 +382,15 @@ def pickle_files(path: Path) -> list[Path]:
     """The pickle weight files in ``path``: ``pytorch_model.bin`` and its shards, ``model.pt``, ``model.pth`` (not
     optimizer states, training arguments or DeepSpeed shards)."""
     return sorted(f for f in path.iterdir() if _PICKLE_NAME.fullmatch(f.name))
+
+
+def dcp_dir(path: Path) -> Path | None:
+    """The torch DCP checkpoint in ``path``: ``path`` itself or one of :data:`DCP_SUBDIRS` with a ``.metadata`` file,
+    but not a Megatron ``dist_ckpt`` (DCP too, with Megatron names); None if there is none."""
+    return next(
+        (d for d in (path, *(path / s for s in DCP_SUBDIRS)) if (d / DCP_METADATA).is_file() and not is_megatron(d)),
+        None,
+    )
 
 
 def _read_sharded(index: Path) -> dict[str, TensorInfo]:
@@ -413,6 +493,14 @@ def _pickle_header(file: Path) -> dict[str, TensorInfo]:
     return {k: TensorInfo(file, _TORCH_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors}
 
 
+def _read_small(file: Path, limit: int = 2**20) -> bytes:
+    try:
+        with open(file, "rb") as f:
+            return f.read(limit)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
+
+
 def _prod(shape: tuple[int, ...]) -> int:
     out = 1
     for d in shape:
@@ -422,8 +510,6 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def _what_is_here(path: Path) -> str:
     names = sorted(p.name for p in path.iterdir())
-    if any(n.startswith("adapter_model") for n in names):
-        return "found a PEFT/LoRA adapter, which opd_lens does not analyse yet; merge it into the base model first"
     pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
     if pickles:
         return f"found pickle files {pickles[:4]} that are not model weights; opd_lens reads safetensors only"

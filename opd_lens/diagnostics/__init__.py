@@ -41,12 +41,18 @@ One matrix, everything (``matrix``)
         all of the above; trajectory spectra by ``top_spectrum`` unless ``Settings(exact=True)``;
         ``origin_factors(w0)`` is the per-run W_0 work to reuse.
 
+Low-rank updates (``lora``)
+    lora_diagnostics(w0, left, right, ...)
+        the same for W_t = W_0 + L·R (a LoRA adapter), the spectrum of ΔW exactly from QR(L), QR(Rᵀ) and an r×r SVD;
+        the update mask from bf16(W_0 + L·R) in row blocks.
+
 Linear algebra (``linalg``)
     svd64(w, k=None), subspace_angles(a, b), top_right_singular_vectors(w, k).
 """
 
 from .krylov import KRYLOV_TOL, TopSpectrum, top_spectrum
 from .linalg import Factors, subspace_angles, svd64, top_right_singular_vectors
+from .lora import lora_diagnostics, lora_spectrum, lora_update_mask, lora_weight
 from .masks import MASK_ALPHA, MASK_RANK, fraction_mask, lowmag_mask, mask_overlap, principal_mask
 from .matrix import MatrixDiagnostics, OriginFactors, Settings, matrix_diagnostics, origin_factors
 from .spectral import ANGLE_K, principal_angles, spectral_shift
@@ -54,6 +60,10 @@ from .support import ETA, unchanged_fraction, update_mask
 from .trajectory import HILL_K, LOCK_K, hill_alpha, sim_k, stable_rank, update_fro
 
 __all__ = [
+    "lora_diagnostics",
+    "lora_spectrum",
+    "lora_update_mask",
+    "lora_weight",
     "ANGLE_K",
     "ETA",
     "HILL_K",

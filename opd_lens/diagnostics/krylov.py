@@ -26,7 +26,7 @@ import torch
 
 from .linalg import svd64
 
-__all__ = ["KRYLOV_TOL", "TopSpectrum", "top_spectrum"]
+__all__ = ["KRYLOV_TOL", "TopSpectrum", "krylov_applies", "top_spectrum"]
 
 KRYLOV_TOL = 2e-3
 """Default stopping tolerance of :func:`top_spectrum` (see the module docstring for what it bounds)."""
@@ -63,14 +63,13 @@ def top_spectrum(
     """
     m, n = a.shape
     k = min(k, m, n)
-    if not bool(torch.isfinite(a).all()):
+    if not _all_finite(a):
         nan = torch.full((n, k), math.nan, dtype=torch.float64, device=a.device)
         return TopSpectrum(nan[0], nan, 0, math.nan)
-    if exact or min(m, n) <= 4 * block:
-        f = svd64(a, k)
+    if not krylov_applies((m, n), exact, block):
+        f = svd64(a, k, left=False)
         return TopSpectrum(f.s[:k], f.vh.mT, min(m, n), min(m, n) * torch.finfo(torch.float64).eps)
     a = a.to(torch.float32)
-    at = a.mT.contiguous()  # both products stream memory in order
     gen = torch.Generator(device=a.device).manual_seed(seed)
     x = torch.randn(n, block, generator=gen, dtype=torch.float64, device=a.device)
     if start is not None:
@@ -79,26 +78,22 @@ def top_spectrum(
     x = torch.linalg.qr(x).Q.to(torch.float32)
     cap = min(max(max_dim, k), n)
     f64 = {"dtype": torch.float64, "device": a.device}
-    q, p, z, g = (
-        torch.empty(n, cap, **f64),
-        torch.empty(n, cap, **f64),
-        torch.empty(m, cap, **f64),
-        torch.empty(cap, cap, **f64),
-    )
+    q, z, g = torch.empty(n, cap, **f64), torch.empty(m, cap, **f64), torch.empty(cap, cap, **f64)
+    p = torch.empty(n, cap, dtype=torch.float32, device=a.device)  # ΔWᵀΔW Q: float32 products, kept as such
     prev = None
     noise = 16 * math.sqrt(n) * torch.finfo(torch.float32).eps
     d = 0
     while True:
         b = x.shape[1]
-        zb = a @ x
-        q[:, d : d + b], p[:, d : d + b], z[:, d : d + b] = x, at @ zb, zb
+        zb, pb = _normal_product(a, x)
+        q[:, d : d + b], p[:, d : d + b], z[:, d : d + b] = x, pb, zb
         g[: d + b, d : d + b] = z[:, : d + b].mT @ z[:, d : d + b]  # the Rayleigh quotient QᵀΔWᵀΔWQ, grown by a block
         g[d : d + b, :d] = g[:d, d : d + b].mT
         d += b
         lam, vecs = torch.linalg.eigh(g[:d, :d])
         lam, vecs = lam.flip(0).clamp(min=0.0), vecs.flip(1)[:, :k]
         v = q[:, :d] @ vecs
-        res = torch.linalg.vector_norm(p[:, :d] @ vecs - v * lam[:k], dim=0)
+        res = torch.linalg.vector_norm(_mm64(p[:, :d], vecs) - v * lam[:k], dim=0)
         floor = noise * lam[0]  # the float32 error of ΔWᵀΔW v
         live = lam[:k] > noise * floor  # σ above the float32 error of ΔW v
         values_ok = bool((res <= torch.maximum(tol * lam[:k], floor)).all())
@@ -106,7 +101,54 @@ def top_spectrum(
         if (d >= k and values_ok and (moved <= tol or not live.any())) or d >= cap:
             return TopSpectrum(lam[:k].sqrt(), v, d, noise)
         prev = v
-        x = _next_block(p[:, d - b : d][:, : cap - d], q[:, :d], gen).to(torch.float32)
+        x = _next_block(p[:, d - b : d][:, : cap - d].to(torch.float64), q[:, :d], gen).to(torch.float32)
+
+
+def krylov_applies(shape: tuple[int, ...], exact: bool = False, block: int = 32) -> bool:
+    """Whether :func:`top_spectrum` takes the Krylov path (float32 products) rather than the exact float64 SVD."""
+    return not exact and min(shape[-2:]) > 4 * block
+
+
+def _all_finite(a: torch.Tensor) -> bool:
+    """No NaN or ±inf in ``a``, without a boolean copy of it (min and max propagate NaN)."""
+    if a.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(a)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+_CACHE_BYTES = 2**20
+"""Size of the row blocks of :func:`_normal_product` on the CPU (32 to 128 rows): small enough to stay in cache."""
+
+
+def _normal_product(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a x, aᵀ a x)`` for float32 ``a`` (m×n) and ``x`` (n×b).
+
+    On the CPU both come from one pass over ``a``, a block of rows at a time: the block is still in cache for its
+    transposed product, which reading ``a`` by columns from memory would make 2–3× slower (and a transposed copy of
+    ``a`` would double the memory). GPUs multiply by a transposed operand at full speed.
+    """
+    if a.device.type != "cpu":
+        z = a @ x
+        return z, a.mT @ z
+    m, n = a.shape
+    rows = min(max(32, _CACHE_BYTES // (4 * n)), 128)
+    z = torch.empty(m, x.shape[1], dtype=a.dtype)
+    p = torch.zeros(n, x.shape[1], dtype=a.dtype)
+    for i in range(0, m, rows):
+        block = a[i : i + rows]
+        zi = torch.mm(block, x, out=z[i : i + rows])
+        p.addmm_(block.mT, zi)
+    return z, p
+
+
+def _mm64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float64 for a float32 ``a``, upcast a block of rows at a time."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
+    rows = max(1, 2**18 // max(1, a.shape[1]))
+    for i in range(0, a.shape[0], rows):
+        torch.mm(a[i : i + rows].to(torch.float64), b, out=out[i : i + rows])
+    return out
 
 
 def _next_block(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Factors", "svd64", "subspace_angles", "top_right_singular_vectors"]
+__all__ = ["Factors", "LEAN_MIN_NUMEL", "svd64", "subspace_angles", "top_right_singular_vectors"]
 
 
 class Factors(NamedTuple):
@@ -20,12 +20,55 @@ class Factors(NamedTuple):
     vh: torch.Tensor
 
 
-def svd64(w: torch.Tensor, k: int | None = None) -> Factors:
-    """Thin SVD of ``w`` in float64; singular vectors truncated to the top ``k`` (the spectrum is kept whole)."""
+LEAN_MIN_NUMEL = 2**22
+"""Matrices with at least this many entries (and one side at least twice the other) take the QR route of
+:func:`svd64` on the CPU."""
+_LEAN_RCOND = 1e-3
+"""The QR route forms U_k = W V_k Σ_k⁻¹ only where σ_k > this · σ_1 (its error is ≈ ε·σ_1/σ_k)."""
+
+
+def svd64(w: torch.Tensor, k: int | None = None, *, left: bool = True) -> Factors:
+    """Thin SVD of ``w`` in float64; singular vectors truncated to the top ``k`` (the spectrum is kept whole).
+
+    ``left=False`` skips the left singular vectors (``u`` is then m×0). A large tall m×n CPU matrix (m ≥ 2n, at
+    least :data:`LEAN_MIN_NUMEL` entries; a wide one is transposed) with ``k`` given is factorised through its QR:
+    W = QR, the SVD of the n×n R gives σ and V, and U_k = W V_k Σ_k⁻¹ is formed directly, so neither Q nor the
+    m×n U is ever built. LAPACK's ``gesdd`` takes that QR first too (for m ≥ 11n/6), then forms Q and U: skipping
+    them takes 1.1 GB instead of 1.9 GB and 10% less time for a 12288×4096 matrix. Where σ_k ≤ 10⁻³·σ_1 the plain
+    SVD is taken instead.
+    """
+    if k is not None and w.ndim == 2 and w.device.type == "cpu":
+        m, n = w.shape
+        if m * n >= LEAN_MIN_NUMEL and max(m, n) >= 2 * min(m, n):
+            f = _svd64_tall(w, k, left) if m >= n else _svd64_tall(w.mT, k, True)  # a wide one's V is Wᵀ's U
+            if f is not None:
+                f = f if m >= n else Factors(f.vh.mT, f.s, f.u.mT)
+                return f if left else f._replace(u=f.u[:, :0])
     u, s, vh = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
     if k is not None:
         u, vh = u[..., :k], vh[..., :k, :]
+    if not left:
+        u = u[..., :0]
     return Factors(u, s, vh)
+
+
+def _svd64_tall(w: torch.Tensor, k: int, left: bool) -> Factors | None:
+    """:func:`svd64` of a tall m×n matrix through its QR; ``None`` where U_k cannot be formed as W V_k Σ_k⁻¹."""
+    m, n = w.shape
+    k = min(k, n)
+    r = torch.linalg.qr(w.to(torch.float64), mode="r").R
+    _, s, vh = torch.linalg.svd(r)
+    del r
+    vh = vh[:k].contiguous()
+    if not left:
+        return Factors(vh.new_empty(m, 0), s, vh)
+    if k and not bool(s[k - 1] > _LEAN_RCOND * s[0]):  # also NaN
+        return None
+    u = torch.empty(m, k, dtype=torch.float64)
+    rows = max(1, 2**20 // n)
+    for i in range(0, m, rows):
+        torch.mm(w[i : i + rows].to(torch.float64), vh.mT, out=u[i : i + rows])
+    return Factors(u.div_(s[:k]), s, vh)
 
 
 def subspace_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,4 +89,4 @@ def subspace_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def top_right_singular_vectors(w: torch.Tensor, k: int) -> torch.Tensor:
     """V_k: the top-``k`` right singular vectors of ``w`` as an orthonormal n×k basis (float64)."""
-    return svd64(w, k).vh.mT
+    return svd64(w, k, left=False).vh.mT

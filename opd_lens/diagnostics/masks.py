@@ -7,6 +7,7 @@ import math
 import torch
 
 from .linalg import Factors, svd64
+from .support import count_true
 
 __all__ = ["MASK_RANK", "MASK_ALPHA", "fraction_mask", "principal_mask", "lowmag_mask", "mask_overlap"]
 
@@ -26,13 +27,17 @@ def fraction_mask(scores: torch.Tensor, alpha: float, largest: bool = True) -> t
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     numel = scores.shape[-2] * scores.shape[-1]
     k = math.ceil(round(alpha * numel, 6))
-    flat = scores.flatten(-2).nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf, neginf=-math.inf)
+    flat = scores.flatten(-2)
+    if flat.numel() and bool(torch.aminmax(flat).min.isnan()):  # copied only to rank NaN last
+        flat = flat.nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf, neginf=-math.inf)
     rank = numel - k + 1 if largest else k  # the k-th largest is the (n-k+1)-th smallest
     kth = flat.kthvalue(rank, dim=-1, keepdim=True).values
     beyond = flat > kth if largest else flat < kth
     at = flat == kth
-    mask = beyond | (at & (at.cumsum(-1) <= k - beyond.sum(-1, keepdim=True)))
-    return mask.view(scores.shape)
+    need = k - count_true(beyond.unsqueeze(-2)).unsqueeze(-1)  # how many of the ties at the threshold to take, ≥ 1
+    if bool((count_true(at.unsqueeze(-2)).unsqueeze(-1) > need).any()):  # more ties than needed: the first ones
+        at &= at.cumsum(-1) <= need
+    return (beyond | at).view(scores.shape)
 
 
 def principal_mask(
@@ -46,7 +51,7 @@ def principal_mask(
     f = factors if factors is not None else svd64(w0, rank)
     r = min(rank, f.u.shape[-1])
     scores = (f.u[..., :r] * f.s[..., None, :r]) @ f.vh[..., :r, :]
-    return fraction_mask(scores.abs(), alpha, largest=True)
+    return fraction_mask(scores.abs_(), alpha, largest=True)
 
 
 def lowmag_mask(w0: torch.Tensor, alpha: float = MASK_ALPHA) -> torch.Tensor:
@@ -56,5 +61,5 @@ def lowmag_mask(w0: torch.Tensor, alpha: float = MASK_ALPHA) -> torch.Tensor:
 
 def mask_overlap(mask: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """Overlap(M, M_upd) = |M ∩ M_upd| / |M_upd| per matrix (random baseline: α). NaN when nothing changed."""
-    inter = (mask & update).sum(dim=(-2, -1), dtype=torch.int64).to(torch.float64)
-    return inter / update.sum(dim=(-2, -1), dtype=torch.int64).to(torch.float64)
+    inter = count_true(mask, update).to(torch.float64)
+    return inter / count_true(update).to(torch.float64)

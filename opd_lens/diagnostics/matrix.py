@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .krylov import top_spectrum
+from .krylov import TopSpectrum, krylov_applies, top_spectrum
 from .linalg import Factors, svd64
 from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, mask_overlap, principal_mask
 from .spectral import ANGLE_K, principal_angles, spectral_shift
-from .support import ETA, update_mask
-from .trajectory import HILL_K, LOCK_K, hill_alpha, stable_rank, update_fro
+from .support import ETA, count_true, update_mask
+from .trajectory import HILL_K, LOCK_K, delta_fro, hill_alpha, stable_rank
 
-__all__ = ["Settings", "OriginFactors", "MatrixDiagnostics", "origin_factors", "matrix_diagnostics"]
+__all__ = ["Settings", "OriginFactors", "MatrixDiagnostics", "origin_factors", "matrix_diagnostics", "assemble"]
 
 
 @dataclass(frozen=True)
@@ -96,27 +96,55 @@ def matrix_diagnostics(
     if w0.shape != wt.shape or w0.ndim != 2:
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
     o = origin if origin is not None else origin_factors(w0, settings)
-    upd = update_mask(w0, wt, settings.eta)
-    dw = wt.to(torch.float64) - w0.to(torch.float64)
-    fro = update_fro(dw)
-    k = max(settings.lock_k, settings.hill_k)
-    top = top_spectrum(dw, k, exact=settings.exact)
+    fro = delta_fro(w0, wt)
+    dw = _delta(w0, wt, float32=krylov_applies(w0.shape, settings.exact))
+    top = top_spectrum(dw, max(settings.lock_k, settings.hill_k), exact=settings.exact)
+    del dw  # before the SVD of W_t and the update mask: the largest allocations never coexist
+    ft = None
+    if endpoint:
+        ft = factors_t if factors_t is not None else svd64(wt, settings.angle_k)
+    return assemble(update_mask(w0, wt, settings.eta), fro, top, settings, o, w0, ft)
+
+
+def _delta(w0: torch.Tensor, wt: torch.Tensor, float32: bool) -> torch.Tensor:
+    """ΔW = W_t − W_0 in float64, or for the Krylov path (which multiplies in float32 anyway) the exact difference
+    rounded once to float32, formed a block of rows at a time: half the memory, and no temporary of the matrix's
+    size (torch would upcast a whole bf16 operand of a float32 subtraction)."""
+    if not float32:
+        return wt.to(torch.float64) - w0.to(torch.float64)
+    dw = torch.empty(w0.shape, dtype=torch.float32, device=w0.device)
+    rows = max(1, 2**19 // max(1, w0.shape[-1]))
+    for i in range(0, w0.shape[-2], rows):
+        dw[i : i + rows] = wt[i : i + rows].to(torch.float64) - w0[i : i + rows].to(torch.float64)
+    return dw
+
+
+def assemble(
+    upd: torch.Tensor,
+    fro: torch.Tensor,
+    top: TopSpectrum,
+    settings: Settings,
+    origin: OriginFactors,
+    w0: torch.Tensor,
+    factors_t: Factors | None,
+) -> MatrixDiagnostics:
+    """The diagnostics from their ingredients: the update mask, ‖ΔW‖_F, the top spectrum of ΔW and, for the
+    endpoint metrics, the SVD of W_t (``None``: angles and spectral shift are NaN)."""
     nan = float("nan")
     angles_u = angles_v = torch.empty(0, dtype=torch.float64, device=w0.device)
     shift = nan
-    if endpoint:
-        if o.factors is None:
+    if factors_t is not None:
+        if origin.factors is None:
             raise ValueError("endpoint metrics need the origin's SVD; pass OriginFactors with factors")
-        ft = factors_t if factors_t is not None else svd64(wt, settings.angle_k)
-        angles_u, angles_v = principal_angles(w0, wt, settings.angle_k, o.factors, ft)
-        shift = float(spectral_shift(o.factors.s, ft.s))
+        angles_u, angles_v = principal_angles(w0, None, settings.angle_k, origin.factors, factors_t)
+        shift = float(spectral_shift(origin.factors.s, factors_t.s))
     return MatrixDiagnostics(
-        unchanged_frac=1.0 - float(upd.sum()) / upd.numel(),
+        unchanged_frac=1.0 - float(count_true(upd)) / upd.numel(),
         update_fro=float(fro),
         stable_rank=float(stable_rank(top.s, fro)),
         hill_alpha=float(hill_alpha(top.s, settings.hill_k, top.rtol)),
-        principal_overlap=float(mask_overlap(o.principal_mask, upd)),
-        lowmag_overlap=float(mask_overlap(o.lowmag_mask, upd)),
+        principal_overlap=float(mask_overlap(origin.principal_mask, upd)),
+        lowmag_overlap=float(mask_overlap(origin.lowmag_mask, upd)),
         max_angle_u=float(angles_u.max()) if angles_u.numel() else nan,
         max_angle_v=float(angles_v.max()) if angles_v.numel() else nan,
         spectral_shift=shift,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["HILL_K", "LOCK_K", "update_fro", "stable_rank", "hill_alpha", "sim_k"]
+__all__ = ["HILL_K", "LOCK_K", "update_fro", "delta_fro", "stable_rank", "hill_alpha", "sim_k"]
 
 HILL_K = 10
 """Default number k of top singular values in the Hill estimate (the paper leaves k open; third parties use 10)."""
@@ -12,9 +14,41 @@ LOCK_K = 16
 """Default dimension K of the right singular subspace compared by Sim_K (OPD §4.2)."""
 
 
+_BLOCK_BYTES = 2**22
+"""Float64 working memory of :func:`update_fro` and :func:`delta_fro` for inputs of lower precision."""
+
+
 def update_fro(dw: torch.Tensor) -> torch.Tensor:
-    """‖ΔW‖_F = (Σ_ij ΔW_ij²)^½, accumulated in float64."""
-    return torch.linalg.matrix_norm(dw.to(torch.float64), ord="fro")
+    """‖ΔW‖_F = (Σ_ij ΔW_ij²)^½, accumulated in float64.
+
+    An input of lower precision is upcast a block of rows at a time, never whole (its squares are exact in float64).
+    """
+    if dw.dtype == torch.float64:
+        return torch.linalg.matrix_norm(dw, ord="fro")
+    return _sum_squares(dw.shape, lambda rows: dw[..., rows, :].to(torch.float64), dw.device).sqrt()
+
+
+def delta_fro(w0: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """‖W_t − W_0‖_F from the two matrices: ``update_fro(wt − w0)`` with the difference taken exactly in float64,
+    a block of rows at a time."""
+    if w0.shape != wt.shape:
+        raise ValueError(f"shape mismatch: {tuple(w0.shape)} vs {tuple(wt.shape)}")
+
+    def block(rows: slice) -> torch.Tensor:
+        return wt[..., rows, :].to(torch.float64) - w0[..., rows, :].to(torch.float64)
+
+    return _sum_squares(w0.shape, block, w0.device).sqrt()
+
+
+def _sum_squares(shape, block, device) -> torch.Tensor:
+    """Σ over the last two dimensions of ``block(rows)²``, ``block`` giving float64 row blocks of ``shape``."""
+    m, n = shape[-2:]
+    rows = max(1, _BLOCK_BYTES // (8 * max(1, n * math.prod(shape[:-2]))))
+    total = torch.zeros(shape[:-2], dtype=torch.float64, device=device)
+    for i in range(0, m, rows):
+        b = block(slice(i, i + rows))
+        total += b.mul_(b).sum(dim=(-2, -1))
+    return total
 
 
 def stable_rank(s: torch.Tensor, fro: torch.Tensor | float | None = None) -> torch.Tensor:
