@@ -1,13 +1,17 @@
 """Benchmark: peak memory of a compute on Qwen3-8B-shaped matrices, which opd_lens streams one matrix at a time.
 
-    OMP_NUM_THREADS=1 python bench/stream.py --threads 1      # Qwen3-8B shapes, 2 layers, 2 checkpoints (~25 min)
+    OMP_NUM_THREADS=1 python bench/stream.py --threads 1    # Qwen3-8B shapes, 2 layers, 2 checkpoints: ~30 min
+    python bench/stream.py --layers 1                       # the same peaks in about half the time
     python bench/stream.py --hidden 1024 --intermediate 3072 --heads 8 --kv-heads 2    # a quick look (~1 min)
+
+(At such small sizes about 100 MB of fixed overhead, the allocator's and the store's, dominate the multiples.)
 
 Writes a synthetic run with Qwen3-8B's matrix shapes (hidden 4096, intermediate 12288, 32 query and 8 key/value
 heads of 128: q/o 4096×4096, k/v 1024×4096, gate/up 12288×4096, down 4096×12288) in bf16, every checkpoint
-sharded with a real ``model.safetensors.index.json``, and a planted rank-4 plus sparse update. Then it runs each
-phase of a compute in a FRESH child process and reports that process's peak RSS (``ru_maxrss``) above its baseline
-(its RSS after the imports and a tiny warm-up compute):
+sharded (``--shard-mb``) with a real ``model.safetensors.index.json``, and a planted rank-4 plus sparse update.
+Then it runs each phase of a compute in a FRESH child process, spawned by this small parent (a child's
+``ru_maxrss`` starts at its parent's RSS), and reports that process's peak RSS (``ru_maxrss``) above its
+baseline, its RSS after the imports and a tiny warm-up compute:
 
 (i)   the one-off origin pass: W₀'s float64 SVDs and masks, cached on disk (what ``compute`` does first per run);
 (ii)  one trajectory step (``endpoint="none"``) with W₀'s factors cached: what every checkpoint costs;
@@ -17,10 +21,10 @@ The target (from the issue) for (ii) and (iii): peak ≤ 3× the largest matrix 
 so 604 MB) plus the origin factors of that matrix as the compute holds them in memory: its two masks as bool (1 B
 per entry each, 101 MB), and for (iii) its float64 top-512 singular vectors as well (67 MB).
 
-The time is the float64 SVDs: on a 2-core CPU with one thread, (i) and (iii) each take one SVD per matrix (about a
-minute for a 12288×4096 one), so the defaults take about 25 minutes; the peaks are per matrix and do not depend on
-the number of layers (``--layers 1`` halves the time). The run is written once per geometry under ``--work``
-(2.2 GB of bf16 for the defaults) and reused.
+The time is the float64 SVDs: (i) and (iii) take one per matrix, 70 to 100 s for the 4096-wide ones on one
+thread. Measured on a shared 2-core CPU with ``--threads 1``: (i) 864 s, (ii) 45 s, (iii) 913 s, plus about two
+minutes to write the run the first time (2.2 GB of bf16 under ``--work``, reused afterwards). The peaks are per
+matrix (one is in memory at a time), so they do not depend on the number of layers.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main() -> None:
     values = [args.hidden, args.intermediate, args.heads, args.kv_heads, args.layers, args.checkpoints, args.shard_mb]
     common = [a for pair in zip(size, map(str, values), strict=True) for a in pair] + ["--work", str(args.work)]
     common += ["--threads", str(args.threads)] if args.threads else []
+    print(f"run under {args.work} (written on first use, a few minutes at the default sizes) ...", flush=True)
     info = _child([*common, "--build"])
     m, n = info["largest"]
     fp32 = m * n * 4

@@ -26,6 +26,7 @@ from .diagnostics import (
     Factors,
     OriginFactors,
     Settings,
+    all_finite,
     lora_diagnostics,
     lora_weight,
     matrix_diagnostics,
@@ -271,7 +272,7 @@ def batched_factors(
         per_chunk = max(1, budget_bytes // (8 * math.prod(shape)))
         for i in range(0, len(group), per_chunk):
             read = ((r, _dense_step(origin, ckpt, r, device)) for r in group[i : i + per_chunk])
-            chunk = [(r, m) for r, m in read if bool(torch.isfinite(m).all())]
+            chunk = [(r, m) for r, m in read if all_finite(m)]
             if chunk:
                 f = svd64(torch.stack([m for _, m in chunk]), k)
                 out |= {matrix_key(r): Factors(f.u[j], f.s[j], f.vh[j]) for j, (r, _) in enumerate(chunk)}
@@ -318,7 +319,7 @@ def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir, factor
     nonfinite = None
     if factors is None:
         nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
-    elif not all(bool(torch.isfinite(t).all()) for t in (lora or (wt,))):
+    elif not all(all_finite(t) for t in (lora or (wt,))):
         nonfinite = (
             False,
             f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
@@ -409,7 +410,7 @@ def _load_factors(
             svd = Factors(*(f.get_tensor(name) for name in ("u", "s", "vh"))) if with_svd else None
             return OriginFactors(svd, *masks), 0
     w0 = origin.read_matrix(ref).to(device)
-    if not bool(torch.isfinite(w0).all()):
+    if not all_finite(w0):
         return None, 1
     of = origin_factors(w0, settings)
     tensors = {
@@ -440,8 +441,8 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    flat = np.unpackbits(bits.cpu().numpy())[: math.prod(shape)]
-    return torch.from_numpy(flat.reshape(shape).astype(bool))
+    flat = np.unpackbits(bits.cpu().numpy(), count=math.prod(shape))  # 0/1 bytes: viewed as bool, not copied
+    return torch.from_numpy(flat.view(np.bool_).reshape(shape))
 
 
 def _settings_key(settings: Settings) -> str:

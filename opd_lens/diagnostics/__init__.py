@@ -51,7 +51,7 @@ Linear algebra (``linalg``)
 """
 
 from .krylov import KRYLOV_TOL, TopSpectrum, top_spectrum
-from .linalg import Factors, subspace_angles, svd64, top_right_singular_vectors
+from .linalg import Factors, all_finite, subspace_angles, svd64, top_right_singular_vectors
 from .lora import lora_diagnostics, lora_spectrum, lora_update_mask, lora_weight
 from .masks import MASK_ALPHA, MASK_RANK, fraction_mask, lowmag_mask, mask_overlap, principal_mask
 from .matrix import MatrixDiagnostics, OriginFactors, Settings, matrix_diagnostics, origin_factors
@@ -60,6 +60,7 @@ from .support import ETA, unchanged_fraction, update_mask
 from .trajectory import HILL_K, LOCK_K, hill_alpha, sim_k, stable_rank, update_fro
 
 __all__ = [
+    "all_finite",
     "lora_diagnostics",
     "lora_spectrum",
     "lora_update_mask",

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linalg import svd64
+from .linalg import all_finite, svd64
 
 __all__ = ["KRYLOV_TOL", "TopSpectrum", "krylov_applies", "top_spectrum"]
 
@@ -63,7 +63,7 @@ def top_spectrum(
     """
     m, n = a.shape
     k = min(k, m, n)
-    if not _all_finite(a):
+    if not all_finite(a):
         nan = torch.full((n, k), math.nan, dtype=torch.float64, device=a.device)
         return TopSpectrum(nan[0], nan, 0, math.nan)
     if not krylov_applies((m, n), exact, block):
@@ -107,14 +107,6 @@ def top_spectrum(
 def krylov_applies(shape: tuple[int, ...], exact: bool = False, block: int = 32) -> bool:
     """Whether :func:`top_spectrum` takes the Krylov path (float32 products) rather than the exact float64 SVD."""
     return not exact and min(shape[-2:]) > 4 * block
-
-
-def _all_finite(a: torch.Tensor) -> bool:
-    """No NaN or ±inf in ``a``, without a boolean copy of it (min and max propagate NaN)."""
-    if a.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(a)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 _CACHE_BYTES = 2**20

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Factors", "LEAN_MIN_NUMEL", "svd64", "subspace_angles", "top_right_singular_vectors"]
+__all__ = ["Factors", "LEAN_MIN_NUMEL", "all_finite", "svd64", "subspace_angles", "top_right_singular_vectors"]
 
 
 class Factors(NamedTuple):
@@ -69,6 +69,14 @@ def _svd64_tall(w: torch.Tensor, k: int, left: bool) -> Factors | None:
     for i in range(0, m, rows):
         torch.mm(w[i : i + rows].to(torch.float64), vh.mT, out=u[i : i + rows])
     return Factors(u.div_(s[:k]), s, vh)
+
+
+def all_finite(a: torch.Tensor) -> bool:
+    """No NaN or ±inf in ``a``, without a boolean copy of it (min and max propagate NaN)."""
+    if a.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(a)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def subspace_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
