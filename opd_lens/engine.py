@@ -320,12 +320,8 @@ def _matrix_task(origin, ckpt, ref, settings, is_end, device, factor_dir, factor
     if factors is None:
         nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
     elif not all(all_finite(t) for t in (lora or (wt,))):
-        nonfinite = (
-            False,
-            f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
-            if lora is None
-            else (f"the LoRA factors of {ref.tensor!r} in {ckpt.path}"),
-        )
+        where = ckpt.tensors[ref.tensor].file if lora is None else ckpt.path
+        nonfinite = False, f"{'tensor' if lora is None else 'the LoRA factors of'} {ref.tensor!r} in {where}"
     if nonfinite is None and lora is not None:
         d = lora_diagnostics(w0, *lora, settings, factors, endpoint=is_end, factors_t=factors_t)
     elif nonfinite is None:

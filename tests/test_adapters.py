@@ -442,3 +442,23 @@ def test_fused_expert_lora_factors_are_refused(zoo, tmp_path):
     )
     with pytest.raises(CheckpointNotFoundError, match=r"experts.gate_up_proj' has 3-D LoRA factors"):
         open_checkpoint(moe)
+
+
+def test_nonfinite_factors_are_recorded_as_nan_with_one_warning(zoo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, run = zoo
+    bad = tmp_path / "run"
+    shutil.copytree(run, bad)
+    file = bad / "checkpoint-2" / "adapter_model.safetensors"
+    factors = load_file(file)
+    factors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(factors, file)
+    store = opd_lens.open_store(tmp_path / "s", EXACT)
+    store.add_run("lora", bad, base)
+    with pytest.warns(UserWarning, match=r"step 2: 1 matrix holds NaN or Inf values \(the LoRA factors of "):
+        store.compute(progress=False)
+    ds = store.dataset().sel(run="lora")
+    v = ds.update_fro.sel(layer=1, module="self_attn.v_proj")
+    assert np.isnan(float(v.sel(step=2))) and np.isfinite(float(v.sel(step=3)))
+    assert np.isfinite(float(ds.update_fro.sel(step=2, layer=0, module="self_attn.v_proj")))
