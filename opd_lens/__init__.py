@@ -4,8 +4,7 @@ Read checkpoint series (:mod:`opd_lens.checkpoints`) and compute per-matrix diag
 (:mod:`opd_lens.diagnostics`) for on-policy distillation, SFT and RLVR runs.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from . import checkpoints, diagnostics
 from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
 from .errors import OpdLensError

@@ -50,17 +50,22 @@ Linear algebra (``linalg``)
     svd64(w, k=None), subspace_angles(a, b), top_right_singular_vectors(w, k).
 """
 
-from .krylov import KRYLOV_TOL, TopSpectrum, top_spectrum
-from .linalg import Factors, all_finite, subspace_angles, svd64, top_right_singular_vectors
+from .krylov import KRYLOV_TOL, TopSpectrum, krylov_budget, top_spectrum
+from .linalg import Factors, all_finite, gram_svd, subspace_angles, svd64, top_right_singular_vectors
 from .lora import lora_diagnostics, lora_spectrum, lora_update_mask, lora_weight
 from .masks import MASK_ALPHA, MASK_RANK, fraction_mask, lowmag_mask, mask_overlap, principal_mask
-from .matrix import MatrixDiagnostics, OriginFactors, Settings, matrix_diagnostics, origin_factors
+from .matrix import MatrixDiagnostics, OriginFactors, Settings, endpoint_factors, matrix_diagnostics, origin_factors
 from .spectral import ANGLE_K, principal_angles, spectral_shift
-from .support import ETA, unchanged_fraction, update_mask
+from .support import ETA, UpdatePass, unchanged_fraction, update_mask, update_pass
 from .trajectory import HILL_K, LOCK_K, hill_alpha, sim_k, stable_rank, update_fro
 
 __all__ = [
     "all_finite",
+    "endpoint_factors",
+    "gram_svd",
+    "krylov_budget",
+    "update_pass",
+    "UpdatePass",
     "lora_diagnostics",
     "lora_spectrum",
     "lora_update_mask",

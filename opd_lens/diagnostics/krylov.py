@@ -1,20 +1,27 @@
 """The fast path of the trajectory spectra: top singular values and right singular vectors by block Krylov.
 
 The trajectory metrics of ΔW_t (stable rank, Hill α, V_K for Sim_K) need only the top ``k`` singular triplets.
-:func:`top_spectrum` finds them by block Lanczos on ΔWᵀΔW with full reorthogonalization, applying ΔW in float32
-(the cost is a few passes over the matrix instead of a full float64 SVD) and solving the small Rayleigh–Ritz
-problem in float64 from ΔW·Q, so singular values are not squared in working precision.
+:func:`top_spectrum` finds them by block Lanczos on ΔWΔWᵀ with full reorthogonalization: the basis U of the left
+Krylov space span{ΔWΩ, (ΔWΔWᵀ)ΔWΩ, …} grows a block at a time, X = ΔWᵀU gives the right Ritz vectors, and the
+Rayleigh–Ritz problem XᵀX = UᵀΔWΔWᵀU is solved in float64 (singular values are not squared in working precision:
+X is formed by float32 products, its Gram in float64). Each block costs two float32 products with ΔW (ΔWᵀU and
+ΔW·X, the second also the raw next block) and a CholeskyQR2 of an m×b block; the random start block is not kept
+in the basis, so the first Ritz values already come from ΔWᵀΔW·Ω.
 
-It stops adaptively, after each block, when both hold:
+It stops after a block when the top-k Ritz pairs have converged, in either of two ways:
 
-* every top-k Ritz pair has a residual ‖ΔWᵀΔW v − λ v‖ ≤ ``tol``·λ (a bound on the error of λ = σ², usually far
-  pessimistic: the actual error is of order residual²/gap), or below the float32 noise floor;
-* the top-k right Ritz subspace moved by less than ``tol`` since the previous block (1 − Sim_K over the directions
-  with a numerically nonzero σ), so at least two blocks are always taken.
+* proven: every residual ‖ΔWΔWᵀu − λu‖ ≤ ``tol``·λ (or below the float32 noise floor), which bounds the error of
+  λ = σ², and the Davis–Kahan bound (‖R_K‖_F / (λ_K − λ_{K+1}))² / K on 1 − Sim_K(V_K, exact V_K) is ≤ ``tol``
+  (over the directions with a numerically nonzero σ);
+* settled: since the previous block, no top-k σ moved by more than ``tol`` relative and V_K by less than ``tol``
+  (1 − Sim_K). The error left is then about one convergence factor below what moved, which the tests measure.
 
-Measured against the exact SVD (``tests/test_fast_path.py``), the default tolerance keeps stable rank within
-1% relative, Hill α within 2% and Sim_K within 0.01 absolute, on planted low-rank-plus-noise spectra and on
-slowly decaying (power-law and linear) spectra. Small matrices (min(m, n) ≤ 4·block) take the exact SVD.
+When a hard spectrum (a flat or Marchenko–Pastur bulk around σ_K) would grow the basis past the dimension at
+which its cost equals that of the float64 Gram eigendecomposition (:func:`krylov_budget`), it switches to the
+latter, so a matrix never costs more than about twice the exact-enough route. Measured against the exact SVD
+(``tests/test_fast_path.py``), the default tolerance keeps stable rank within 1% relative, Hill α within 2% and
+Sim_K within 0.01 absolute, on planted low-rank-plus-noise spectra and on slowly decaying (power-law and linear)
+spectra. Small matrices (min(m, n) ≤ 4·block) take the exact SVD.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ import torch
 
 from .linalg import all_finite, svd64
 
-__all__ = ["KRYLOV_TOL", "TopSpectrum", "krylov_applies", "top_spectrum"]
+__all__ = ["KRYLOV_TOL", "TopSpectrum", "krylov_applies", "krylov_budget", "top_spectrum"]
 
 KRYLOV_TOL = 2e-3
 """Default stopping tolerance of :func:`top_spectrum` (see the module docstring for what it bounds)."""
+
+_F32 = torch.finfo(torch.float32).eps
+_F64 = torch.finfo(torch.float64).eps
 
 
 class TopSpectrum(NamedTuple):
@@ -38,7 +48,7 @@ class TopSpectrum(NamedTuple):
     s: torch.Tensor
     v: torch.Tensor
     dim: int
-    """Dimension of the Krylov basis used (min(m, n) when the exact SVD was taken)."""
+    """Dimension of the Krylov basis used (min(m, n) when an exact route was taken)."""
     rtol: float
     """Singular values at or below ``rtol``·σ_1 are numerically zero at the precision they were computed in."""
 
@@ -50,7 +60,7 @@ def top_spectrum(
     start: torch.Tensor | None = None,
     block: int = 32,
     tol: float = KRYLOV_TOL,
-    max_dim: int = 512,
+    max_dim: int | None = None,
     seed: int = 0,
     exact: bool = False,
 ) -> TopSpectrum:
@@ -58,8 +68,8 @@ def top_spectrum(
 
     ``start`` (n×j, j < ``block``) seeds the first block, e.g. with the previous checkpoint's V_K; the rest of the
     block is Gaussian from ``seed``, so results are deterministic. The basis grows by ``block`` columns per
-    iteration up to ``max_dim`` (and at most n). ``exact=True`` takes the full float64 SVD instead. A matrix with
-    a non-finite entry gives NaN.
+    iteration up to ``max_dim`` (default :func:`krylov_budget`), past which the float64 Gram route finishes the
+    job. ``exact=True`` takes the full float64 SVD instead. A matrix with a non-finite entry gives NaN.
     """
     m, n = a.shape
     k = min(k, m, n)
@@ -68,40 +78,9 @@ def top_spectrum(
         return TopSpectrum(nan[0], nan, 0, math.nan)
     if not krylov_applies((m, n), exact, block):
         f = svd64(a, k, left=False)
-        return TopSpectrum(f.s[:k], f.vh.mT, min(m, n), min(m, n) * torch.finfo(torch.float64).eps)
-    a = a.to(torch.float32)
-    gen = torch.Generator(device=a.device).manual_seed(seed)
-    x = torch.randn(n, block, generator=gen, dtype=torch.float64, device=a.device)
-    if start is not None:
-        j = min(start.shape[1], block - 1)
-        x[:, :j] = start[:, :j].to(x)
-    x = torch.linalg.qr(x).Q.to(torch.float32)
-    cap = min(max(max_dim, k), n)
-    f64 = {"dtype": torch.float64, "device": a.device}
-    q, z, g = torch.empty(n, cap, **f64), torch.empty(m, cap, **f64), torch.empty(cap, cap, **f64)
-    p = torch.empty(n, cap, dtype=torch.float32, device=a.device)  # ΔWᵀΔW Q: float32 products, kept as such
-    prev = None
-    noise = 16 * math.sqrt(n) * torch.finfo(torch.float32).eps
-    d = 0
-    while True:
-        b = x.shape[1]
-        zb, pb = _normal_product(a, x)
-        q[:, d : d + b], p[:, d : d + b], z[:, d : d + b] = x, pb, zb
-        g[: d + b, d : d + b] = z[:, : d + b].mT @ z[:, d : d + b]  # the Rayleigh quotient QᵀΔWᵀΔWQ, grown by a block
-        g[d : d + b, :d] = g[:d, d : d + b].mT
-        d += b
-        lam, vecs = torch.linalg.eigh(g[:d, :d])
-        lam, vecs = lam.flip(0).clamp(min=0.0), vecs.flip(1)[:, :k]
-        v = q[:, :d] @ vecs
-        res = torch.linalg.vector_norm(_mm64(p[:, :d], vecs) - v * lam[:k], dim=0)
-        floor = noise * lam[0]  # the float32 error of ΔWᵀΔW v
-        live = lam[:k] > noise * floor  # σ above the float32 error of ΔW v
-        values_ok = bool((res <= torch.maximum(tol * lam[:k], floor)).all())
-        moved = 1.0 if prev is None else 1.0 - float(((prev.mT @ v[:, live]) ** 2).sum()) / max(int(live.sum()), 1)
-        if (d >= k and values_ok and (moved <= tol or not live.any())) or d >= cap:
-            return TopSpectrum(lam[:k].sqrt(), v, d, noise)
-        prev = v
-        x = _next_block(p[:, d - b : d][:, : cap - d].to(torch.float64), q[:, :d], gen).to(torch.float32)
+        return TopSpectrum(f.s[:k], f.vh.mT, min(m, n), min(m, n) * _F64)
+    cap = min(krylov_budget(m, n, block) if max_dim is None else max(max_dim, k), m, n)
+    return _block_lanczos(a.to(torch.float32), k, start, block, tol, cap, seed) or _gram_top(a, k)
 
 
 def krylov_applies(shape: tuple[int, ...], exact: bool = False, block: int = 32) -> bool:
@@ -109,54 +88,179 @@ def krylov_applies(shape: tuple[int, ...], exact: bool = False, block: int = 32)
     return not exact and min(shape[-2:]) > 4 * block
 
 
-_CACHE_BYTES = 2**20
-"""Size of the row blocks of :func:`_normal_product` on the CPU (32 to 128 rows): small enough to stay in cache."""
+# Costs measured on this project's 2-core CPU by ``bench/methods.py`` (nanoseconds per unit; a flat spectrum, so
+# the basis never stops early). A Krylov basis of dimension d costs the products (per m·n·d), the block
+# Gram–Schmidt and CholeskyQR2 (per (m + n)·d²) and one Rayleigh–Ritz ``eigh`` per block (per d⁴/block); the
+# Gram route the float64 Gram matrix (per m·n·s, s = min(m, n)) and its ``eigh`` (per s³).
+_NS_KRYLOV = (0.025, 0.19, 0.018)
+_NS_GRAM = (0.014, 0.10)
 
 
-def _normal_product(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a x, aᵀ a x)`` for float32 ``a`` (m×n) and ``x`` (n×b).
+def krylov_budget(m: int, n: int, block: int = 32) -> int:
+    """The largest Krylov basis worth building before the float64 Gram route is cheaper: the largest multiple of
+    ``block`` whose predicted Krylov work stays below the predicted cost of that route (at least 2 blocks). Giving
+    up there keeps a matrix within about twice the cost of the better choice, whatever its spectrum."""
+    s = min(m, n)
+    gram = _NS_GRAM[0] * m * n * s + _NS_GRAM[1] * s**3
+    a, b, c = _NS_KRYLOV
+    d = 2 * block
+    while d + block <= s and a * m * n * (d + block) + b * (m + n) * (d + block) ** 2 + c * (d + block) ** 4 / block <= gram:
+        d += block
+    return d
 
-    On the CPU both come from one pass over ``a``, a block of rows at a time: the block is still in cache for its
-    transposed product, which reading ``a`` by columns from memory would make 2–3× slower (and a transposed copy of
-    ``a`` would double the memory). GPUs multiply by a transposed operand at full speed.
-    """
-    if a.device.type != "cpu":
-        z = a @ x
-        return z, a.mT @ z
+
+def _block_lanczos(
+    a: torch.Tensor, k: int, start: torch.Tensor | None, block: int, tol: float, cap: int, seed: int
+) -> TopSpectrum | None:
+    """Block Lanczos on aaᵀ (float32 ``a``); ``None`` when the basis reached ``cap`` before converging and ``cap`` is
+    below min(m, n) (the caller then takes the Gram route)."""
     m, n = a.shape
-    rows = min(max(32, _CACHE_BYTES // (4 * n)), 128)
-    z = torch.empty(m, x.shape[1], dtype=a.dtype)
-    p = torch.zeros(n, x.shape[1], dtype=a.dtype)
-    for i in range(0, m, rows):
-        block = a[i : i + rows]
-        zi = torch.mm(block, x, out=z[i : i + rows])
-        p.addmm_(block.mT, zi)
-    return z, p
+    dev = a.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    omega = torch.randn(n, block, generator=gen, dtype=torch.float32, device=dev)
+    if start is not None:
+        j = min(start.shape[1], block - 1)
+        omega[:, :j] = start[:, :j].to(omega)
+    y = a @ omega
+    f32 = {"dtype": torch.float32, "device": dev}
+    basis, aat = torch.empty(m, cap, **f32), torch.empty(m, cap, **f32)  # U and ΔWΔWᵀU = ΔW·X
+    x = torch.empty(n, cap, dtype=torch.float64, device=dev)  # X = ΔWᵀU
+    gram = torch.empty(cap, cap, dtype=torch.float64, device=dev)
+    noise = 16 * math.sqrt(n) * _F32  # relative float32 error of ΔWᵀΔW v
+    prev = None
+    d = 0
+    while True:
+        b = min(block, cap - d)
+        u = _orthonormalize(y[:, :b], basis[:, :d], gen)
+        xb = (a.mT @ u).to(torch.float64)
+        basis[:, d : d + b], x[:, d : d + b] = u, xb
+        gram[: d + b, d : d + b] = x[:, : d + b].mT @ xb
+        gram[d : d + b, :d] = gram[:d, d : d + b].mT
+        d += b
+        lam, w = torch.linalg.eigh(gram[:d, :d])
+        lam, w = lam.flip(0).clamp(min=0.0), w.flip(1)
+        floor = noise * lam[0]
+        live = lam[:k] > noise * floor  # σ above the float32 error of ΔW v
+        if d >= min(m, n):  # the whole space: Rayleigh–Ritz is exact
+            return _ritz(lam, w, x[:, :d], k, live, gen, d, noise)
+        y = a @ xb.to(torch.float32)
+        aat[:, d - b : d] = y
+        if d < k:
+            if d == cap:
+                return None
+            continue
+        j = min(k + 1, d)
+        wj = w[:, :j].to(torch.float32)
+        res = torch.linalg.vector_norm(aat[:, :d] @ wj - (basis[:, :d] @ wj) * lam[:j].to(torch.float32), dim=0)
+        res = res.to(torch.float64)
+        current = _ritz(lam, w, x[:, :d], k, live, gen, d, noise)
+        n_live = int(live.sum())
+        if n_live == 0:
+            return current
+        values_ok = bool((res[:k] <= torch.maximum(tol * lam[:k], floor)).all())
+        gap = float(lam[n_live - 1] - lam[n_live]) if n_live < d else float(lam[n_live - 1])
+        bound = float((res[:n_live] ** 2).sum()) / max(gap, 1e-300) ** 2 / n_live
+        if values_ok and bound <= tol:
+            return current
+        if prev is not None:
+            moved_s = float(((current.s[:n_live] - prev.s[:n_live]).abs() / current.s[:n_live]).max())
+            kept = float(((prev.v[:, :n_live].mT @ current.v[:, :n_live]) ** 2).sum()) / n_live
+            if moved_s <= tol and 1.0 - kept <= tol:
+                return current
+        if d == cap:
+            return None
+        prev = current
 
 
-def _mm64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in float64 for a float32 ``a``, upcast a block of rows at a time."""
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
-    rows = max(1, 2**18 // max(1, a.shape[1]))
-    for i in range(0, a.shape[0], rows):
-        torch.mm(a[i : i + rows].to(torch.float64), b, out=out[i : i + rows])
-    return out
+def _ritz(lam, w, x, k, live, gen, d, noise) -> TopSpectrum:
+    """σ_i = √λ_i and V = X·W·Σ⁻¹ for the top k Ritz pairs; directions with a numerically zero σ (a rank-deficient
+    matrix) are completed by random orthonormal ones."""
+    s = lam[:k].sqrt()
+    n_live = int(live.sum())
+    return TopSpectrum(s, _complete(x @ w[:, :n_live] / s[:n_live], k, gen), d, noise)
 
 
-def _next_block(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Orthonormalize the new Krylov block ``p`` against the basis ``q`` (classical Gram–Schmidt, twice).
+def _orthonormalize(y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """An orthonormal basis (m×b, float32) of the block ``y`` projected out of ``basis``: block classical
+    Gram–Schmidt and CholeskyQR (its Gram in float64), twice.
 
-    Columns that vanish against ``q`` (an invariant subspace was found, e.g. for a flat spectrum) are replaced by
-    fresh Gaussian ones, so the basis stays orthonormal and keeps growing.
+    A column that all but vanishes against ``basis`` (the Krylov space is invariant there, e.g. for a low-rank or
+    flat spectrum) is replaced by a fresh Gaussian one, since normalizing what is left would amplify rounding noise
+    into directions that are not orthogonal to the basis; a block that is rank deficient in itself takes a
+    Householder QR with the same replacement. So the basis stays orthonormal and keeps growing.
     """
-    scale = torch.linalg.vector_norm(p, dim=0)
-    x = p
-    for _ in range(2):
-        x = x - q @ (q.mT @ x)
-    lost = torch.linalg.vector_norm(x, dim=0) <= 1e-6 * scale
+    before = torch.linalg.vector_norm(y, dim=0)
+    y = _project(y, basis)
+    lost = torch.linalg.vector_norm(y, dim=0) <= 1e-3 * before
     if bool(lost.any()):
-        fresh = torch.randn(x.shape[0], int(lost.sum()), generator=gen, dtype=x.dtype, device=x.device)
-        x[:, lost] = fresh - q @ (q.mT @ fresh)
-    x = torch.linalg.qr(x).Q
-    x = x - q @ (q.mT @ x)
-    return torch.linalg.qr(x).Q
+        y = y.clone()
+        y[:, lost] = _project(_gaussian(y.shape[0], int(lost.sum()), y, gen), basis)
+    for again in (False, True):
+        if again:
+            y = _project(y, basis)
+        g = y.mT.to(torch.float64) @ y.to(torch.float64)
+        r, info = torch.linalg.cholesky_ex(g, upper=True)
+        diag = torch.diagonal(r)
+        if int(info) != 0 or not bool(diag.min() > 1e-3 * diag.max()):
+            return _householder(y, basis, gen)
+        y = torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False)
+    return y
+
+
+def _project(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    return y - basis @ (basis.mT @ y) if basis.shape[1] else y
+
+
+def _gaussian(m: int, b: int, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(m, b, generator=gen, dtype=like.dtype, device=like.device)
+
+
+def _householder(y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Householder QR of a rank-deficient block, its vanished directions replaced by fresh Gaussian ones."""
+    scale = float(torch.linalg.vector_norm(y, dim=0).max())
+    q, r = torch.linalg.qr(y.to(torch.float64))
+    lost = torch.diagonal(r).abs() <= 1e-4 * scale
+    q = q.to(y.dtype)
+    if bool(lost.any()):
+        kept = torch.cat([basis, q[:, ~lost]], dim=1)
+        fresh = _project(_project(_gaussian(y.shape[0], int(lost.sum()), y, gen), kept), kept)
+        q[:, lost] = torch.linalg.qr(fresh).Q
+    return torch.linalg.qr(_project(q, basis)).Q if basis.shape[1] else q
+
+
+def _gram_top(a: torch.Tensor, k: int) -> TopSpectrum:
+    """The top-k singular values and right vectors from the float64 eigendecomposition of the smaller Gram matrix
+    (σ_i exact to ≈ ε·σ_1²/σ_i, ample for the top k), accumulated along the longer side a block at a time so that
+    no float64 copy of ``a`` exists whole."""
+    m, n = a.shape
+    tall = m >= n
+    t = a if tall else a.mT  # the Gram of t (long × short) is tᵀt
+    s_dim = t.shape[1]
+    g = torch.zeros(s_dim, s_dim, dtype=torch.float64, device=a.device)
+    rows = max(1, 2**22 // (8 * s_dim))
+    for i in range(0, t.shape[0], rows):
+        blk = t[i : i + rows].to(torch.float64)
+        g.addmm_(blk.mT, blk)
+    lam, e = torch.linalg.eigh(g)
+    lam, e = lam.flip(0).clamp(min=0.0)[:k], e.flip(1)[:, :k]
+    s = lam.sqrt()
+    rtol = math.sqrt(s_dim * _F64)
+    if tall:
+        return TopSpectrum(s, e, s_dim, rtol)
+    live = s > rtol * s[0]
+    v = torch.empty(n, int(live.sum()), dtype=torch.float64, device=a.device)
+    for i in range(0, n, rows):  # V = Aᵀ U Σ⁻¹, a block of A's columns at a time
+        v[i : i + rows] = a[:, i : i + rows].mT.to(torch.float64) @ e[:, live]
+    v /= s[live]
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    return TopSpectrum(s, _complete(v, k, gen), s_dim, rtol)
+
+
+def _complete(v: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``v`` (n×j orthonormal) completed to n×k by random orthonormal directions orthogonal to it."""
+    if v.shape[1] >= k:
+        return v
+    fill = torch.randn(v.shape[0], k - v.shape[1], generator=gen, dtype=v.dtype, device=v.device)
+    for _ in range(2):
+        fill = fill - v @ (v.mT @ fill)
+    return torch.cat([v, torch.linalg.qr(fill).Q], dim=1)

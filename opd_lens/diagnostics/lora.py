@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from . import bits
 from .krylov import TopSpectrum
-from .linalg import Factors, svd64
-from .matrix import MatrixDiagnostics, OriginFactors, Settings, assemble, origin_factors
+from .linalg import Factors
+from .matrix import MatrixDiagnostics, OriginFactors, Settings, assemble, endpoint_factors, origin_factors
 from .support import update_mask
 
 __all__ = ["lora_spectrum", "lora_weight", "lora_update_mask", "lora_diagnostics"]
@@ -68,11 +69,12 @@ def lora_diagnostics(
         raise ValueError(f"factors {tuple(left.shape)}·{tuple(right.shape)} do not make a {m}×{n} update")
     o = origin if origin is not None else origin_factors(w0, settings)
     top = lora_spectrum(left, right)
-    fro = torch.linalg.vector_norm(top.s)
+    fro = float(torch.linalg.vector_norm(top.s))
     pad = min(max(settings.lock_k, settings.hill_k), m, n) - top.s.shape[0]
     if pad > 0:  # a rank-r update has min(m, n) - r zero singular values: Hill α needs them
         top = top._replace(s=torch.cat([top.s, top.s.new_zeros(pad)]))
     ft = None
     if endpoint:
-        ft = factors_t if factors_t is not None else svd64(lora_weight(w0, left, right), settings.angle_k)
-    return assemble(lora_update_mask(w0, left, right, settings.eta), fro, top, settings, o, w0, ft)
+        ft = factors_t if factors_t is not None else endpoint_factors(lora_weight(w0, left, right), settings)
+    changed = bits.pack(lora_update_mask(w0, left, right, settings.eta))
+    return assemble(changed, bits.count(changed), fro, top, settings, o, (m, n), ft)

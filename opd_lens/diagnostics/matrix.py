@@ -11,14 +11,23 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import bits
 from .krylov import TopSpectrum, krylov_applies, top_spectrum
-from .linalg import Factors, svd64
-from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, mask_overlap, principal_mask
-from .spectral import ANGLE_K, principal_angles, spectral_shift
-from .support import ETA, count_true, update_mask
-from .trajectory import HILL_K, LOCK_K, delta_fro, hill_alpha, stable_rank
+from .linalg import Factors, gram_svd, svd64
+from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask
+from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift
+from .support import ETA, update_pass
+from .trajectory import HILL_K, LOCK_K, hill_alpha, stable_rank
 
-__all__ = ["Settings", "OriginFactors", "MatrixDiagnostics", "origin_factors", "matrix_diagnostics", "assemble"]
+__all__ = [
+    "Settings",
+    "OriginFactors",
+    "MatrixDiagnostics",
+    "origin_factors",
+    "endpoint_factors",
+    "matrix_diagnostics",
+    "assemble",
+]
 
 
 @dataclass(frozen=True)
@@ -43,10 +52,13 @@ class OriginFactors:
     """What the diagnostics need from W_0, computed once per matrix and reused for every checkpoint."""
 
     factors: Factors | None
-    """SVD of W_0 (float64) with max(angle_k, mask_rank) singular vectors and the full spectrum; ``None`` when
-    only the masks were loaded (enough for steps without endpoint metrics)."""
+    """:func:`endpoint_factors` of W_0: the full spectrum and the top-``angle_k`` singular vectors of each side whose
+    angles are not zero by construction; ``None`` when only the masks were loaded (enough for steps without
+    endpoint metrics)."""
     principal_mask: torch.Tensor
+    """M_princ, packed (:mod:`~opd_lens.diagnostics.bits`)."""
     lowmag_mask: torch.Tensor
+    """M_low, packed."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,46 @@ class MatrixDiagnostics:
 
 
 def origin_factors(w0: torch.Tensor, settings: Settings = Settings()) -> OriginFactors:
-    """SVD and masks of W_0: the once-per-run work shared by every checkpoint of that run."""
-    factors = svd64(w0, max(settings.angle_k, settings.mask_rank))
+    """SVD and masks of W_0: the once-per-run work shared by every checkpoint of that run.
+
+    One factorization serves both: the rank-r reconstruction behind the principal mask takes the top r triplets,
+    the angles the top-k vectors of their non-trivial sides, the spectral shift the spectrum; only what the
+    checkpoints need later is kept."""
+    m, n = w0.shape[-2:]
+    r = min(settings.mask_rank, m, n)
+    f = _factorize(w0, max(min(settings.angle_k, m, n), r), settings.exact)
+    principal = principal_mask(w0, r, settings.mask_alpha, f)
     return OriginFactors(
-        factors=factors,
-        principal_mask=principal_mask(w0, settings.mask_rank, settings.mask_alpha, factors),
-        lowmag_mask=lowmag_mask(w0, settings.mask_alpha),
+        factors=_keep(f, settings.angle_k),
+        principal_mask=bits.pack(principal),
+        lowmag_mask=bits.pack(lowmag_mask(w0, settings.mask_alpha)),
     )
+
+
+def endpoint_factors(w: torch.Tensor, settings: Settings = Settings()) -> Factors:
+    """What the endpoint metrics need of one matrix: its full spectrum (float64) and its top-``angle_k`` left and
+    right singular vectors, leaving out (as m×0 / 0×n) a side whose k vectors span the whole space, where the
+    angles are zero by construction. Exact float64 SVD with ``Settings(exact=True)``; otherwise
+    :func:`~opd_lens.diagnostics.linalg.gram_svd` (the same result to ~ε·σ_1²/σ_i, 2–3× cheaper), which itself
+    falls back to the SVD for ill-conditioned matrices."""
+    m, n = w.shape[-2:]
+    k = min(settings.angle_k, m, n)
+    left, right = angle_sides(m, n, k)
+    if settings.exact:
+        return _keep(svd64(w, k), settings.angle_k)
+    return gram_svd(w, k, left=left, right=right)
+
+
+def _factorize(w: torch.Tensor, k: int, exact: bool) -> Factors:
+    return svd64(w, k) if exact else gram_svd(w, k)
+
+
+def _keep(f: Factors, angle_k: int) -> Factors:
+    """``f`` cut to the top-``angle_k`` vectors of the sides with non-trivial angles."""
+    m, n = f.u.shape[-2], f.vh.shape[-1]
+    k = min(angle_k, m, n)
+    left, right = angle_sides(m, n, k)
+    return Factors(f.u[..., :k] if left else f.u[..., :0], f.s, f.vh[..., :k, :] if right else f.vh[..., :0, :])
 
 
 def matrix_diagnostics(
@@ -96,55 +141,45 @@ def matrix_diagnostics(
     if w0.shape != wt.shape or w0.ndim != 2:
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
     o = origin if origin is not None else origin_factors(w0, settings)
-    fro = delta_fro(w0, wt)
-    dw = _delta(w0, wt, float32=krylov_applies(w0.shape, settings.exact))
-    top = top_spectrum(dw, max(settings.lock_k, settings.hill_k), exact=settings.exact)
-    del dw  # before the SVD of W_t and the update mask: the largest allocations never coexist
+    fast = krylov_applies(w0.shape, settings.exact)
+    delta, fro, changed, n_changed = update_pass(w0, wt, settings.eta, torch.float32 if fast else torch.float64)
+    top = top_spectrum(delta, max(settings.lock_k, settings.hill_k), exact=settings.exact)
+    del delta  # before the SVD of W_t: the largest allocations never coexist
     ft = None
     if endpoint:
-        ft = factors_t if factors_t is not None else svd64(wt, settings.angle_k)
-    return assemble(update_mask(w0, wt, settings.eta), fro, top, settings, o, w0, ft)
-
-
-def _delta(w0: torch.Tensor, wt: torch.Tensor, float32: bool) -> torch.Tensor:
-    """ΔW = W_t − W_0 in float64, or for the Krylov path (which multiplies in float32 anyway) the exact difference
-    rounded once to float32, formed a block of rows at a time: half the memory, and no temporary of the matrix's
-    size (torch would upcast a whole bf16 operand of a float32 subtraction)."""
-    if not float32:
-        return wt.to(torch.float64) - w0.to(torch.float64)
-    dw = torch.empty(w0.shape, dtype=torch.float32, device=w0.device)
-    rows = max(1, 2**19 // max(1, w0.shape[-1]))
-    for i in range(0, w0.shape[-2], rows):
-        dw[i : i + rows] = wt[i : i + rows].to(torch.float64) - w0[i : i + rows].to(torch.float64)
-    return dw
+        ft = factors_t if factors_t is not None else endpoint_factors(wt, settings)
+    return assemble(changed, n_changed, fro, top, settings, o, tuple(w0.shape), ft)
 
 
 def assemble(
-    upd: torch.Tensor,
-    fro: torch.Tensor,
+    changed: torch.Tensor,
+    n_changed: int,
+    fro: float,
     top: TopSpectrum,
     settings: Settings,
     origin: OriginFactors,
-    w0: torch.Tensor,
+    shape: tuple[int, int],
     factors_t: Factors | None,
 ) -> MatrixDiagnostics:
-    """The diagnostics from their ingredients: the update mask, ‖ΔW‖_F, the top spectrum of ΔW and, for the
-    endpoint metrics, the SVD of W_t (``None``: angles and spectral shift are NaN)."""
+    """The diagnostics from their ingredients: the packed update mask and its count, ‖ΔW‖_F, the top spectrum of
+    ΔW and, for the endpoint metrics, :func:`endpoint_factors` of W_t (``None``: angles and spectral shift are
+    NaN)."""
     nan = float("nan")
-    angles_u = angles_v = torch.empty(0, dtype=torch.float64, device=w0.device)
+    angles_u = angles_v = torch.empty(0, dtype=torch.float64)
     shift = nan
     if factors_t is not None:
         if origin.factors is None:
             raise ValueError("endpoint metrics need the origin's SVD; pass OriginFactors with factors")
-        angles_u, angles_v = principal_angles(w0, None, settings.angle_k, origin.factors, factors_t)
+        angles_u, angles_v = principal_angles(shape, None, settings.angle_k, origin.factors, factors_t)
+        angles_u, angles_v = angles_u.cpu(), angles_v.cpu()
         shift = float(spectral_shift(origin.factors.s, factors_t.s))
     return MatrixDiagnostics(
-        unchanged_frac=1.0 - float(count_true(upd)) / upd.numel(),
-        update_fro=float(fro),
+        unchanged_frac=1.0 - n_changed / (shape[0] * shape[1]),
+        update_fro=fro,
         stable_rank=float(stable_rank(top.s, fro)),
         hill_alpha=float(hill_alpha(top.s, settings.hill_k, top.rtol)),
-        principal_overlap=float(mask_overlap(origin.principal_mask, upd)),
-        lowmag_overlap=float(mask_overlap(origin.lowmag_mask, upd)),
+        principal_overlap=bits.count_and(origin.principal_mask, changed) / n_changed if n_changed else nan,
+        lowmag_overlap=bits.count_and(origin.lowmag_mask, changed) / n_changed if n_changed else nan,
         max_angle_u=float(angles_u.max()) if angles_u.numel() else nan,
         max_angle_v=float(angles_v.max()) if angles_v.numel() else nan,
         spectral_shift=shift,

@@ -6,7 +6,7 @@ import torch
 
 from .linalg import Factors, subspace_angles, svd64
 
-__all__ = ["ANGLE_K", "principal_angles", "spectral_shift"]
+__all__ = ["ANGLE_K", "angle_sides", "principal_angles", "spectral_shift"]
 
 ANGLE_K = 512
 """Default size k of the top singular subspaces compared by the principal angles (OPD App. C.3)."""
@@ -23,18 +23,34 @@ def principal_angles(
 
     Returns ``(angles_u, angles_v)``: cos θ_i(U) = σ_i(U_{0,k}ᵀ U_{t,k}) for the left and likewise for the right
     singular vectors, computed in float64 through the sine formulation of :func:`subspace_angles` so that angles
-    far below 1° are accurate. k is capped at min(m, n). Pass precomputed ``factors0``/``factors_t`` (with at least
-    k vectors) to avoid repeating SVDs. Angles near index k are unstable when σ_k ≈ σ_{k+1}.
+    far below 1° are accurate. k is capped at min(m, n). A side of dimension k (the right side of an m×n matrix
+    with n = k, say) has all k angles exactly zero: both subspaces are the whole space. Pass precomputed
+    ``factors0``/``factors_t`` (with at least k vectors on each other side) to avoid repeating SVDs. Angles near
+    index k are unstable when σ_k ≈ σ_{k+1}. ``w0`` may be given as its shape when both factors are.
     """
-    k = min(k, w0.shape[-2], w0.shape[-1])
+    shape = tuple(w0) if isinstance(w0, tuple) else tuple(w0.shape)
+    m, n = shape[-2:]
+    k = min(k, m, n)
     f0 = factors0 if factors0 is not None else svd64(w0, k)
     ft = factors_t if factors_t is not None else svd64(wt, k)
-    for name, f in (("factors0", f0), ("factors_t", ft)):
-        if f.u.shape[-1] < k:
-            raise ValueError(f"{name} holds {f.u.shape[-1]} singular vectors, fewer than k={k}")
-    angles_u = subspace_angles(f0.u[..., :k], ft.u[..., :k])
-    angles_v = subspace_angles(f0.vh[..., :k, :].mT, ft.vh[..., :k, :].mT)
-    return torch.rad2deg(angles_u), torch.rad2deg(angles_v)
+    left, right = angle_sides(m, n, k)
+    out = []
+    for side, needed, get in (("left", left, lambda f: f.u), ("right", right, lambda f: f.vh.mT)):
+        if not needed:
+            out.append(torch.zeros((*f0.s.shape[:-1], k), dtype=torch.float64, device=f0.s.device))
+            continue
+        for name, f in (("factors0", f0), ("factors_t", ft)):
+            if get(f).shape[-1] < k:
+                raise ValueError(f"{name} holds {get(f).shape[-1]} {side} singular vectors, fewer than k={k}")
+        out.append(torch.rad2deg(subspace_angles(get(f0)[..., :k], get(ft)[..., :k])))
+    return out[0], out[1]
+
+
+def angle_sides(m: int, n: int, k: int) -> tuple[bool, bool]:
+    """Whether the left and the right top-k singular subspaces of an m×n matrix are proper subspaces (k below
+    the side's dimension), i.e. whether their principal angles are measurements rather than zero by construction."""
+    k = min(k, m, n)
+    return k < m, k < n
 
 
 def spectral_shift(s0: torch.Tensor, st: torch.Tensor) -> torch.Tensor:

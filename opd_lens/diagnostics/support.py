@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["ETA", "update_mask", "unchanged_fraction"]
+from .bits import count, pack
+
+__all__ = ["ETA", "UpdatePass", "update_mask", "unchanged_fraction", "update_pass"]
 
 ETA = 1e-3
 """Default relative tolerance η of the "unchanged" test (PNT Def. 2.1–2.2; OPD App. C.3)."""
@@ -67,3 +70,55 @@ def unchanged_fraction(w0: torch.Tensor, wt: torch.Tensor, eta: float = ETA) -> 
     """sp_bf16 = 1 − |M_upd| / n over the last two dimensions (per matrix; batch dimensions are kept)."""
     changed = count_true(update_mask(w0, wt, eta))
     return 1.0 - changed.to(torch.float64) / (w0.shape[-2] * w0.shape[-1])
+
+
+class UpdatePass(NamedTuple):
+    """What one pass over a pair (W_0, W_t) gives: the update, its norm and its bf16-visible support."""
+
+    delta: torch.Tensor
+    """ΔW = W_t − W_0: the exact difference rounded once to ``dtype`` (float32 by default)."""
+    fro: float
+    """‖ΔW‖_F of the exact difference, accumulated in float64."""
+    changed: torch.Tensor
+    """M_upd, packed (:mod:`~opd_lens.diagnostics.bits`, on the CPU)."""
+    n_changed: int
+    """|M_upd|."""
+
+
+_PASS_BLOCK = 2**17
+"""Entries per block of :func:`update_pass`: its float64 scratch (1 MiB) stays in a core's cache."""
+
+
+def update_pass(w0: torch.Tensor, wt: torch.Tensor, eta: float = ETA, dtype: torch.dtype = torch.float32) -> UpdatePass:
+    """ΔW, ‖ΔW‖_F and M_upd of one matrix pair in a single pass, a block of rows at a time.
+
+    Each block's difference is formed exactly in float64 (both inputs are exact there), summed in squares there and
+    rounded once to ``dtype``. For bf16 inputs and η < 2⁻⁸ (the default) an entry changed iff its difference is
+    nonzero: distinct finite bf16 values always differ, and +0 − (−0) = 0, which is :func:`update_mask`'s rule
+    without rounding or comparing the operands again; other dtypes, or any NaN or Inf, take :func:`update_mask`.
+    """
+    if w0.shape != wt.shape or w0.ndim != 2:
+        raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
+    m, n = w0.shape
+    delta = torch.empty((m, n), dtype=dtype, device=w0.device)
+    changed = torch.empty((m, n), dtype=torch.bool, device=w0.device)
+    rows = max(1, _PASS_BLOCK // max(1, n))
+    scratch = torch.empty(rows * n, dtype=torch.float64, device=w0.device)
+    fro2 = torch.zeros((), dtype=torch.float64, device=w0.device)
+    bitwise = w0.dtype == wt.dtype == torch.bfloat16 and eta < _BF16_MIN_RELATIVE_GAP
+    for i in range(0, m, rows):
+        d64 = scratch[: min(rows, m - i) * n].view(-1, n)
+        d64.copy_(wt[i : i + rows])
+        d64.sub_(w0[i : i + rows])
+        fro2 += torch.dot(d64.view(-1), d64.view(-1))
+        d = delta[i : i + rows]
+        d.copy_(d64)
+        if bitwise:
+            torch.ne(d, 0, out=changed[i : i + rows])
+        else:
+            changed[i : i + rows] = update_mask(w0[i : i + rows], wt[i : i + rows], eta)
+    fro2 = float(fro2)
+    if bitwise and not math.isfinite(fro2):  # a NaN or Inf entry: compare it by the rules of update_mask
+        changed = update_mask(w0, wt, eta)
+    bits = pack(changed)
+    return UpdatePass(delta, math.sqrt(fro2) if fro2 >= 0 else math.nan, bits, count(bits))
