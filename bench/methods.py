@@ -47,25 +47,29 @@ def main() -> None:
     if not args.quick:
         shapes += [(4096, 4096), (12288, 4096)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times in ms\n")
-    print(f"{'shape':>12} {'krylov d=64':>12} {'d=128':>8} {'d=256':>8} {'model 256':>10} {'gram+eigh':>10}"
-          f" {'model':>8} {'svd64':>9} {'crossover':>10} {'budget':>7}")
+    print(
+        f"{'shape':>12} {'krylov d=64':>12} {'d=128':>8} {'d=256':>8} {'model 256':>10} {'gram+eigh':>10}"
+        f" {'model':>8} {'svd64':>9} {'crossover':>10} {'budget':>7}"
+    )
     g = torch.Generator().manual_seed(0)
     for m, n in shapes:
         s = min(m, n)
         a = torch.randn(m, n, generator=g)  # a flat spectrum: the Krylov basis never converges early
         dims = [d for d in range(64, s, 32) if d <= 1024]
-        kry = {d: _best(lambda d=d: krylov._block_lanczos(a, 16, None, 32, 0.0, d, 0), args.repeat) for d in dims}
+        kry = {d: _best(lambda a=a, d=d: krylov._block_lanczos(a, 16, None, 32, 0.0, d, 0), args.repeat) for d in dims}
         a64 = a.to(torch.float64)
         t = a64 if m >= n else a64.mT
         gram = _best(lambda t=t: torch.linalg.eigh(t.mT @ t), args.repeat)
-        svd = _best(lambda: svd64(a, 16, left=False), 1) if m * n <= 2**23 else float("nan")
+        svd = _best(lambda a=a: svd64(a, 16, left=False), 1) if m * n <= 2**23 else float("nan")
         ck, cg = krylov._NS_KRYLOV, krylov._NS_GRAM
         model_k = 1e-9 * (ck[0] * m * n * 256 + ck[1] * (m + n) * 256**2 + ck[2] * 256**4 / 32)
         model_g = 1e-9 * (cg[0] * m * n * s + cg[1] * s**3)
         cross = max([d for d, sec in kry.items() if sec <= gram], default=0)
         cells = " ".join(f"{1e3 * kry[d]:8.1f}" if d in kry else f"{'':>8}" for d in (64, 128, 256))
-        print(f"{m:>5}×{n:<6} {cells:>30} {1e3 * model_k:10.1f} {1e3 * gram:10.1f} {1e3 * model_g:8.1f}"
-              f" {1e3 * svd:9.1f} {cross:>10} {krylov.krylov_budget(m, n):>7}")
+        print(
+            f"{m:>5}×{n:<6} {cells:>30} {1e3 * model_k:10.1f} {1e3 * gram:10.1f} {1e3 * model_g:8.1f}"
+            f" {1e3 * svd:9.1f} {cross:>10} {krylov.krylov_budget(m, n):>7}"
+        )
     print("\ncrossover: the largest basis measured cheaper than the Gram route; budget: where the code switches")
 
 

@@ -183,8 +183,8 @@ def _probe(args, phase: str, origin: Path, run: Path, store: Path) -> None:
     import torch
 
     import opd_lens
-    import opd_lens.engine as engine
     from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+    from opd_lens.engine.origin import OriginCache
     from opd_lens.synthetic import qwen3_config, write_planted_run
 
     if args.threads:
@@ -200,9 +200,9 @@ def _probe(args, phase: str, origin: Path, run: Path, store: Path) -> None:
     t = time.perf_counter()
     if phase == "origin":
         o = open_checkpoint(origin)
-        factor_dir = s.cache_dir("origin", f"{o.fingerprint[:16]}-{engine._settings_key(s.settings)}")
+        cache = OriginCache.of(s, o)
         for ref in matched_matrices(o, find_checkpoints(run)[-1]):
-            engine._factor_task(o, ref, s.settings, factor_dir, "cpu")
+            cache.get(ref, o.read_matrix(ref), with_svd=True)
     else:
         report = s.compute(endpoint="none" if phase == "ii" else "last", device="cpu", progress=False)
         assert len(report.steps) == 1, report

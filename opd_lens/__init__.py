@@ -4,15 +4,17 @@ Read checkpoint series (:mod:`opd_lens.checkpoints`) and compute per-matrix diag
 (:mod:`opd_lens.diagnostics`) for on-policy distillation, SFT and RLVR runs.
 """
 
-from ._version import __version__
 from . import checkpoints, diagnostics
+from ._version import __version__
+from .api import Store, compute, open_store
 from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
+from .engine import ComputeReport
 from .errors import OpdLensError
-from .store import Store, compute, open_store
 from .summary import summarize
 
 __all__ = [
     "Checkpoint",
+    "ComputeReport",
     "Explorer",
     "LockMonitor",
     "OpdLensError",

@@ -14,11 +14,12 @@ from pathlib import Path
 import pandas as pd
 
 from ._version import __version__
+from .api import Store, open_store
 from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.reader import PICKLE_ENV
 from .diagnostics import Settings
 from .errors import OpdLensError
-from .store import Store, StoreError, open_store
+from .store import StoreError
 from .summary import summarize
 
 __all__ = ["main"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .api import Store, open_store
 from .diagnostics import Settings
-from .store import Store, open_store
 from .summary import summarize
 
 __all__ = ["ZOO_SETTINGS", "compute_zoo", "run_demo", "zoo_table"]

@@ -1,10 +1,17 @@
 """The diagnostics store: a zarr v3 group holding the opd_lens Dataset, grown incrementally by one writer at a time.
 
-On disk, ``STORE/data.zarr`` is the zarr group. Its attributes hold the schema version, the diagnostics settings
-and the run registry; arrays with xarray dimension names hold the coordinates (``run``, ``step``, ``layer``,
-``module``, ``angle_index``, ``numel``) and the variables of the Dataset, one chunk per (run, step). A step's
-values become visible only when its ``complete`` flag is set, which is written last; ``lock_alignment`` counts
-only where its ``lock_ref`` is the run's last step. Dimensions grow through an intent file, so a writer killed
+Storage only: arrays, the run registry, the writer lock and the Dataset. What to compute and how is the engine's
+(:mod:`opd_lens.engine`), which drives this module and is never imported by it.
+
+On disk, ``STORE/data.zarr`` is the zarr group. Its attributes hold the schema version, the diagnostics settings and
+the run registry; arrays with xarray dimension names hold the coordinates (``run``, ``step``, ``layer``, ``module``,
+``angle_index``, ``numel``) and the variables of the Dataset, one chunk per (run, step), so steps are written
+independently (by Dask workers too); ``lock_alignment`` and ``lock_ref``, which only the writer process rewrites when
+a run gains a new last step, are chunked by blocks of steps. A step's values become visible only when its
+``complete`` flag is set, which is written last; ``lock_alignment`` counts only where its ``lock_ref`` is the run's
+last step. The registry (the group's ``runs`` attribute) records each computed checkpoint with its fingerprint,
+whether it holds endpoint metrics and the step its ``lock_alignment`` refers to, so that planning a compute reads one
+JSON document rather than an array chunk per step. Dimensions grow through an intent file, so a writer killed
 mid-resize is repaired by the next one. ``STORE/cache/`` keeps the origin factors and the V_K bases of each step;
 ``STORE/.lock`` names the writer."""
 
@@ -12,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,14 +34,12 @@ import zarr
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .checkpoints import find_checkpoints, matched_matrices, open_checkpoint
+from ._version import __version__
 from .checkpoints.names import natural_key
-from .diagnostics import Settings
+from .diagnostics import Settings, sim_k
 from .errors import CheckpointError, OpdLensError
 
 __all__ = [
-    "compute",
     "SCALARS",
     "ANGLES",
     "SCHEMA_VERSION",
@@ -66,6 +72,7 @@ _UNSET = {"run": "", "layer": np.iinfo(np.int64).min, "module": ""}
 _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
+_RUN_KEYS = ("run_dir", "origin", "method", "include_globals")
 _DIMS = {name: ("run", "step", "layer", "module") for name in SCALARS} | {
     name: ("run", "step", "layer", "module", "angle_index") for name in ANGLES
 }
@@ -112,32 +119,16 @@ def open_store(path: str | os.PathLike, settings: Settings | None = None, *, cre
     return store
 
 
-def compute(
-    store: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    *,
-    origin: str | os.PathLike,
-    name: str,
-    method: str | None = None,
-    settings: Settings | None = None,
-    **kwargs,
-) -> xr.Dataset:
-    """One call: open (or create) ``store``, register the run, compute what is new of it and return the Dataset.
-
-    ``kwargs`` go to :meth:`Store.compute` (``device``, ``endpoint``, ``client``, ``progress``).
-    """
-    s = open_store(store, settings)
-    s.add_run(name, run_dir, origin, method)
-    s.compute(runs=[name], **kwargs)
-    return s.dataset()
-
-
 class Store:
-    """An opd_lens store: register runs with :meth:`add_run`, fill it with :meth:`compute`, read :meth:`dataset`."""
+    """An opd_lens store: the Dataset (:meth:`dataset`), the registry of its runs and the arrays the engine fills.
+
+    :func:`opd_lens.open_store` returns one with the engine's verbs attached (``add_run``, ``compute``).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._locked = False
+        self._bases: dict[Path, dict[str, torch.Tensor]] = {}
         self.data_path = self.path / _DATA
         """The zarr group; ``xr.open_zarr(store.data_path)`` shows the raw arrays (uncommitted slots included)."""
         try:
@@ -162,55 +153,30 @@ class Store:
         """The registered runs: name -> run_dir, origin, method, include_globals, fingerprints."""
         return dict(zarr.open_group(self.data_path, mode="r").attrs["runs"])
 
-    def add_run(
-        self,
-        name: str,
-        run_dir: str | os.PathLike,
-        origin: str | os.PathLike,
-        method: str | None = None,
-        include_globals: bool = False,
-    ) -> None:
-        """Register a run: its checkpoint directory, its origin W_0 and its method label (default: ``name``).
-
-        Checks that the run has readable checkpoints whose matrices match the origin's. Adding the same run again
-        is a no-op; reusing a name for another run is an error.
-        """
+    def register_run(self, name: str, spec: Mapping, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> None:
+        """Register run ``name`` (``spec``: run_dir, origin, method, include_globals, origin_fingerprint) with its
+        analysed matrices, ``(layer, module) -> shape``: creates the arrays and coordinates they need. Registering
+        the same run again is a no-op; reusing a name for another run is an error."""
         if not isinstance(name, str) or not name.strip():
             raise StoreError(f"run name must be a non-empty string, got {name!r}")
-        spec = {
-            "run_dir": _resolved(run_dir),
-            "origin": _resolved(origin),
-            "method": method or name,
-            "include_globals": include_globals,
-        }
         known = self.runs.get(name)
         if known is not None:
-            if {k: known[k] for k in spec} != spec:
+            if {k: known[k] for k in _RUN_KEYS} != {k: spec[k] for k in _RUN_KEYS}:
                 raise StoreError(f"{self.path}: run {name!r} is already registered as {_describe(known)}")
             return
-        origin_ckpt = open_checkpoint(spec["origin"])
-        last = find_checkpoints(spec["run_dir"])[-1]
-        refs = matched_matrices(origin_ckpt, last, include_globals)
         with self.writer():
-            self._ensure_arrays(refs)
+            self._ensure_arrays(shapes)
             r = self._append_coord("run", name)
             layers = self._coord_index("layer")
             modules = self._coord_index("module")
             numel = self._group["numel"]
             block = np.zeros(numel.shape[1:], dtype=np.int64)
-            for ref in refs:
-                block[layers[ref.layer], modules[ref.module]] = ref.shape[0] * ref.shape[1]
+            for (layer, module), shape in shapes.items():
+                block[layers[layer], modules[module]] = shape[0] * shape[1]
             numel[r] = block
-            spec |= {"origin_fingerprint": origin_ckpt.fingerprint, "checkpoints": {}}
-            self._update_runs({name: spec})
+            self._update_runs({name: {**{k: spec[k] for k in (*_RUN_KEYS, "origin_fingerprint")}, "checkpoints": {}}})
 
-    # --- compute and read ---------------------------------------------------------------------------------------
-
-    def compute(self, **kwargs):
-        """Compute every checkpoint not yet stored; see :func:`opd_lens.engine.compute_store` for the arguments."""
-        from .engine import compute_store
-
-        return compute_store(self, **kwargs)
+    # --- read -------------------------------------------------------------------------------------------------
 
     def dataset(self, lazy: bool = False) -> xr.Dataset:
         """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords, and
@@ -325,37 +291,54 @@ class Store:
         """Index of each layer and module value, and the angle_index size."""
         return self._coord_index("layer"), self._coord_index("module"), self._group["angle_index"].shape[0]
 
-    def completed_steps(self, name: str) -> dict[int, int]:
-        """Step -> lock_ref of every completed step of run ``name``."""
+    def recorded(self, name: str) -> dict[int, dict]:
+        """Step -> registry entry (``path``, ``fingerprint``, ``endpoint``, ``lock_ref``) of every checkpoint of run
+        ``name`` whose step is complete. Entries of a store written before ``endpoint`` and ``lock_ref`` were
+        recorded are completed from the arrays once, in place."""
+        entries = {int(k): v for k, v in self.runs[name]["checkpoints"].items()}
+        if any("endpoint" not in e or "lock_ref" not in e for e in entries.values()):
+            entries = self._complete_registry(name, entries)
+        return entries
+
+    def _complete_registry(self, name: str, entries: dict[int, dict]) -> dict[int, dict]:
         r = self.run_index(name)
         steps = self._group["step"][:]
         done = self._group["complete"][r, :] == 1
-        refs = self._group["lock_ref"][r, :]
-        return {int(s): int(ref) for s, d, ref in zip(steps, done, refs, strict=True) if d and s >= 0}
+        angles = ~np.isnan(self._group["max_angle_v"][r]).all(axis=(-2, -1))
+        lock = self._group["lock_ref"][r, :]
+        slots = {int(s): i for i, s in enumerate(steps) if s >= 0}
+        kept = {}
+        for step, e in entries.items():
+            i = slots.get(step)
+            if i is not None and done[i]:
+                kept[step] = {**e, "endpoint": bool(angles[i]), "lock_ref": int(lock[i])}
+        self._update_runs({name: {**self.runs[name], "checkpoints": {str(k): v for k, v in kept.items()}}})
+        return kept
 
-    def endpoint_steps(self, name: str) -> set[int]:
-        """The completed steps of run ``name`` that hold principal angles."""
-        r = self.run_index(name)
-        steps = self._group["step"][:]
-        has = ~np.isnan(self._group["max_angle_v"][r]).all(axis=(-2, -1))
-        return {int(s) for s, h in zip(steps, has, strict=True) if h and s >= 0} & set(self.completed_steps(name))
+    def used_slots(self) -> set[int]:
+        """The slots along ``step`` that have been given a step (and may hold values)."""
+        return {int(i) for i in np.flatnonzero(self._group["step"][:] >= 0)}
 
-    def step_slot(self, step: int) -> int:
-        """The slot of ``step`` along the step dimension, allocating one (in blocks) if it is new."""
-        steps = self._group["step"][:]
-        hit = np.flatnonzero(steps == step)
-        if hit.size:
-            return int(hit[0])
-        free = np.flatnonzero(steps < 0)
-        if not free.size:
-            self._grow({"step": steps.shape[0] + _STEP_BLOCK})
-            free = [steps.shape[0]]
-        self._group["step"][int(free[0])] = step
-        return int(free[0])
-
-    def invalidate_lock_alignment(self, name: str) -> None:
-        """Mark every step's lock_alignment of run ``name`` stale (its final channel changed)."""
-        self._group["lock_ref"][self.run_index(name), :] = -1
+    def step_slots(self, steps: Iterable[int]) -> dict[int, int]:
+        """The slot of each step along the step dimension, allocating slots (in blocks) for new ones; one read and
+        at most one write of the step coordinate."""
+        steps = list(steps)
+        coord = self._group["step"][:]
+        index = {int(s): i for i, s in enumerate(coord) if s >= 0}
+        new = [s for s in dict.fromkeys(steps) if s not in index]
+        if new:
+            free = [int(i) for i in np.flatnonzero(coord < 0)]
+            if len(free) < len(new):
+                size = coord.shape[0] + _STEP_BLOCK * math.ceil((len(new) - len(free)) / _STEP_BLOCK)
+                self._grow({"step": size})
+                free += range(coord.shape[0], size)
+            index.update(zip(new, free, strict=False))
+            lo, hi = min(index[s] for s in new), max(index[s] for s in new) + 1
+            block = self._group["step"][lo:hi]
+            for s in new:
+                block[index[s] - lo] = s
+            self._group["step"][lo:hi] = block
+        return {s: index[s] for s in steps}
 
     def cache_dir(self, *parts: str) -> Path:
         path = self.path.joinpath("cache", *parts)
@@ -367,12 +350,44 @@ class Store:
 
     def lock_bases(self, name: str) -> LockBases:
         """The cached V_K(t) of run ``name``: the top-K right singular vectors of every ΔW_t (K = lock_k)."""
-        return LockBases(self.run_cache(name))
+        return LockBases(self.run_cache(name), self._bases)
 
-    def record_checkpoint(self, name: str, step: int, path: str, fingerprint: str) -> None:
+    # --- writing (callers hold the writer lock) -----------------------------------------------------------------
+
+    def record(self, name: str, entries: Mapping[int, Mapping]) -> None:
+        """Record computed checkpoints of run ``name`` in the registry: step -> its entry (``path``,
+        ``fingerprint``, ``endpoint``, ``lock_ref``), replacing what was recorded; an entry ``None`` unrecords the
+        step (before it is rewritten, so that a compute killed mid-write recomputes it). One write for all."""
         run = self.runs[name]
-        run["checkpoints"] = {**run["checkpoints"], str(step): {"path": path, "fingerprint": fingerprint}}
-        self._update_runs({name: run})
+        checkpoints = dict(run["checkpoints"])
+        for step, entry in entries.items():
+            if entry is None:
+                checkpoints.pop(str(step), None)
+            else:
+                checkpoints[str(step)] = dict(entry)
+        self._update_runs({name: {**run, "checkpoints": checkpoints}})
+
+    def step_writer(self) -> StepWriter:
+        """A writer of whole (run, step) regions that keeps the group open (see :func:`write_step`)."""
+        return StepWriter(self.data_path)
+
+    def write_lock(self, name: str, values: Mapping[int, np.ndarray | None], ref_step: int) -> None:
+        """Sim_K to the final channel for steps of run ``name`` (step -> (layer, module) values; ``None`` marks
+        the step stale), with the step it refers to: one write of each lock array for all of them."""
+        if not values:
+            return
+        r = self.run_index(name)
+        slots = self.step_slots(values)
+        lo, hi = min(slots.values()), max(slots.values()) + 1
+        lock = self._group["lock_alignment"][r, lo:hi]
+        ref = self._group["lock_ref"][r, lo:hi]
+        for step, v in values.items():
+            i = slots[step] - lo
+            ref[i] = -1 if v is None else ref_step
+            if v is not None:
+                lock[i] = v
+        self._group["lock_alignment"][r, lo:hi] = lock
+        self._group["lock_ref"][r, lo:hi] = ref
 
     # --- internals ----------------------------------------------------------------------------------------------
 
@@ -396,12 +411,12 @@ class Store:
         self._group[dim][i] = value
         return i
 
-    def _ensure_arrays(self, refs) -> None:
-        """Create missing arrays and grow the (layer, module, angle_index) grid to hold ``refs``; idempotent, so a
-        writer killed half-way is completed by the next."""
-        k = min(self.settings.angle_k, max(min(r.shape) for r in refs))
-        layers = sorted({r.layer for r in refs})
-        modules = sorted({r.module for r in refs}, key=natural_key)
+    def _ensure_arrays(self, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> None:
+        """Create missing arrays and grow the (layer, module, angle_index) grid to hold the matrices ``shapes``;
+        idempotent, so a writer killed half-way is completed by the next."""
+        k = min(self.settings.angle_k, max(min(shape) for shape in shapes.values()))
+        layers = sorted({layer for layer, _ in shapes})
+        modules = sorted({module for _, module in shapes}, key=natural_key)
         for name, spec in _array_specs(len(layers), len(modules), k).items():
             if name not in self._group:
                 dims = spec.pop("dims")
@@ -447,20 +462,26 @@ def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
             "dtype": np.int64,
             "fill_value": 0,
         },
-        "lock_ref": {"dims": ("run", "step"), "chunks": (1, 1), "dtype": np.int64, "fill_value": -1},
+        "lock_ref": {"dims": ("run", "step"), "chunks": (1, _STEP_BLOCK), "dtype": np.int64, "fill_value": -1},
     }
     for name, dims in _DIMS.items():
-        chunks = (1, 1, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
+        steps = _STEP_BLOCK if name == "lock_alignment" else 1  # rewritten for all steps at once, by one process
+        chunks = (1, steps, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
         specs[name] = {"dims": dims, "chunks": chunks, "dtype": np.float32, "fill_value": np.nan}
     specs["complete"] = {"dims": ("run", "step"), "chunks": (1, 1), "dtype": np.int64, "fill_value": 0}
     return specs
 
 
 class LockBases:
-    """V_K(t) of every matrix of a run, one safetensors file per step, keyed by :func:`matrix_key`."""
+    """V_K(t) of every matrix of a run, one safetensors file per step, keyed by :func:`matrix_key`.
 
-    def __init__(self, directory: Path):
+    Loaded bases stay in ``memo`` (shared by the store's LockBases) up to :data:`BASES_MEMO_BYTES`, so that a run
+    that gains a checkpoint, whose every step's ``lock_alignment`` is then recomputed, does not reopen a file per
+    step each time."""
+
+    def __init__(self, directory: Path, memo: dict[Path, dict[str, torch.Tensor]] | None = None):
         self.directory = Path(directory)
+        self._memo = {} if memo is None else memo
 
     def _file(self, step: int) -> Path:
         return self.directory / f"bases-{step}.safetensors"
@@ -469,15 +490,34 @@ class LockBases:
         return self._file(step).is_file()
 
     def save(self, step: int, bases: dict[str, torch.Tensor]) -> None:
-        tmp = self._file(step).with_suffix(".tmp")
-        try:
-            save_file({k: v.contiguous() for k, v in bases.items()}, tmp)
-            tmp.replace(self._file(step))
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
+        file = self._file(step)
+        self._memo.pop(file, None)
+        atomic_save(file, {k: v.contiguous() for k, v in bases.items()})
 
     def load(self, step: int) -> dict[str, torch.Tensor]:
-        return load_file(self._file(step))
+        file = self._file(step)
+        if (hit := self._memo.get(file)) is not None:
+            return hit
+        bases = load_file(file)
+        size = sum(t.numel() * t.element_size() for t in bases.values())
+        held = sum(t.numel() * t.element_size() for b in self._memo.values() for t in b.values())
+        while self._memo and held + size > BASES_MEMO_BYTES:
+            oldest = next(iter(self._memo))
+            held -= sum(t.numel() * t.element_size() for t in self._memo.pop(oldest).values())
+        if size <= BASES_MEMO_BYTES:
+            self._memo[file] = bases
+        return bases
+
+    def alignment(self, step: int, anchor: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Sim_K of V_K(``step``) to the bases ``anchor`` (matrix key -> V_K), for every matrix both hold with one
+        shape (LoRA steps of other ranks share no K)."""
+        bases = self.load(step)
+        keys = [k for k, b in bases.items() if k in anchor and anchor[k].shape == b.shape]
+        return {k: float(sim_k(bases[k], anchor[k])) for k in keys}
+
+
+BASES_MEMO_BYTES = 2**28
+"""Bytes of V_K bases a store keeps in memory once loaded (256 MiB)."""
 
 
 def matrix_key(ref) -> str:
@@ -490,23 +530,45 @@ def parse_matrix_key(key: str) -> tuple[int, str]:
     return int(layer), module
 
 
+class StepWriter:
+    """Writes whole (run, step) regions of one store, each variable's chunk once and then the ``complete`` flag,
+    keeping the group and its arrays open. Safe in a Dask worker: each region is its own set of chunks."""
+
+    def __init__(self, path: Path):
+        self._group = zarr.open_group(path, mode="r+")
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __call__(
+        self, run: int, slot: int, scalars: Mapping[str, np.ndarray], angles: Mapping[str, np.ndarray] | None
+    ) -> None:
+        """Write one region and mark it complete. ``angles=None`` leaves the angle arrays untouched (a slot never
+        written holds only their fill value, NaN)."""
+        self._array("complete")[run, slot] = 0
+        for name, block in {**scalars, **(angles or {})}.items():
+            self._array(name)[run, slot] = block
+        self._array("complete")[run, slot] = 1
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+
 def write_step(
-    path: Path, run: int, slot: int, scalars: Mapping[str, np.ndarray], angles: Mapping[str, np.ndarray]
+    path: Path, run: int, slot: int, scalars: Mapping[str, np.ndarray], angles: Mapping[str, np.ndarray] | None
 ) -> None:
     """Write one (run, step) region and then mark it complete; safe to call from a Dask worker."""
-    g = zarr.open_group(path, mode="r+")
-    g["complete"][run, slot] = 0
-    g["lock_ref"][run, slot] = -1  # its lock_alignment is computed afterwards, against the run's last step
-    for name, block in {**scalars, **angles}.items():
-        g[name][run, slot] = block
-    g["complete"][run, slot] = 1
+    StepWriter(path)(run, slot, scalars, angles)
 
 
-def write_lock_alignment(path: Path, run: int, slot: int, values: np.ndarray, ref_step: int) -> None:
-    """Write Sim_K to the final channel for one (run, step), then record which step it refers to."""
-    g = zarr.open_group(path, mode="r+")
-    g["lock_alignment"][run, slot] = values
-    g["lock_ref"][run, slot] = ref_step
+def atomic_save(file: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Save a safetensors file through a temporary, so a failed write (a full disk) leaves no partial file."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        save_file(dict(tensors), tmp)
+        tmp.replace(file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _resolved(path: str | os.PathLike) -> str:

@@ -377,23 +377,6 @@ def test_rank_change_between_steps_leaves_no_common_k(zoo, tmp_path):
     assert bool(sim.sel(step=[1, 2]).isnull().all()) and bool((sim.sel(step=3) == 1).all())
 
 
-def test_batched_endpoint_factors_of_an_adapter(zoo):
-    """The batched endpoint SVDs (the CUDA path, run here on the CPU) of W_0 + ΔW equal the per-matrix ones."""
-    from opd_lens.diagnostics import svd64
-    from opd_lens.engine import batched_factors
-    from opd_lens.store import matrix_key
-
-    base, run = zoo
-    origin, ckpt = open_checkpoint(base), open_checkpoint(run / "checkpoint-3")
-    refs = matched_matrices(origin, ckpt)
-    got = batched_factors(ckpt, refs, 8, "cpu", origin=origin)
-    for ref in refs:
-        want = svd64(lora_weight(origin.read_matrix(ref), *ckpt.read_lora(ref)), 8)
-        torch.testing.assert_close(got[matrix_key(ref)].s, want.s, rtol=1e-12, atol=1e-14)
-    with pytest.raises(ValueError, match="need the origin"):
-        batched_factors(ckpt, refs, 8, "cpu")
-
-
 def test_prime_rl_lora_adapters_subdirectory(zoo, tmp_path):
     """prime-rl keeps adapters in weights/step_N/lora_adapters/: found, and computed like the same adapters
     in checkpoint-N/."""

@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from opd_lens import charts
+from opd_lens import charts, open_store
 from opd_lens.diagnostics import Settings
 from opd_lens.errors import OpdLensError
-from opd_lens.store import open_store
 from opd_lens.summary import summarize
 from opd_lens.synthetic import qwen3_config, write_planted_run
 

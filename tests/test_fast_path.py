@@ -26,10 +26,17 @@ from hypothesis import strategies as st
 
 import opd_lens
 import opd_lens.diagnostics.linalg as linalg
-import opd_lens.engine as engine
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from opd_lens.cli import main as cli_main
-from opd_lens.diagnostics import Settings, matrix_diagnostics, principal_angles, svd64, top_spectrum
+from opd_lens.diagnostics import (
+    Settings,
+    endpoint_factors,
+    gram_svd,
+    matrix_diagnostics,
+    principal_angles,
+    svd64,
+    top_spectrum,
+)
 from opd_lens.diagnostics.trajectory import hill_alpha, stable_rank
 from opd_lens.synthetic import qwen3_config, write_planted_run
 
@@ -445,11 +452,16 @@ def test_matrix_diagnostics_fast_vs_exact(bf16_pair, endpoint):
     assert np_sim(fast_d.lock_basis.numpy(), exact_d.lock_basis.numpy()) >= SIM_MIN
     assert fast(dw).dim < 384  # this pair does go through the Krylov path
     if endpoint:
+        # the fast endpoint factors come from the Gram matrix (gram_svd), the exact ones from LAPACK's SVD: the
+        # angles agree to ~1e-12° (the bound: a few ε·σ_1²/gap), far inside float32 storage
         for name in ("angles_u", "angles_v"):
             got, want = getattr(fast_d, name), getattr(exact_d, name)
-            assert got.shape == (16,) and torch.equal(got, want), name
+            assert got.shape == (16,), name
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9, msg=name)
+        for name in ("max_angle_u", "max_angle_v"):
+            assert getattr(fast_d, name) == pytest.approx(getattr(exact_d, name), rel=1e-10, abs=1e-9), name
+        assert fast_d.spectral_shift == pytest.approx(exact_d.spectral_shift, rel=1e-10)
         for name in ("max_angle_u", "max_angle_v", "spectral_shift"):
-            assert getattr(fast_d, name) == getattr(exact_d, name), name
             assert math.isfinite(getattr(fast_d, name)), name
     else:
         for d in (fast_d, exact_d):
@@ -601,57 +613,58 @@ def test_cli_exact_against_a_fast_store_exits_2(tmp_path, small_run, monkeypatch
     assert opd_lens.open_store(store).settings.exact is False
 
 
-# --- 9. batched_factors ------------------------------------------------------------------------------------------
+# --- 9. the Gram route of the endpoint factors --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def three_layer_run(tmp_path_factory):
-    config = qwen3_config(layers=3, hidden=32, intermediate=48, heads=4, kv_heads=2)
-    return write_planted_run(tmp_path_factory.mktemp("three"), config=config, steps=(5,))
+@pytest.mark.parametrize("shape", [(720, 240), (240, 720), (300, 300)], ids=["tall", "wide", "square"])
+def test_gram_svd_matches_the_oracle(shape):
+    """gram_svd against numpy's SVD, on a matrix of distinct singular values spanning two decades."""
+    m, n = shape
+    s_true = np.geomspace(1.0, 1e-2, min(m, n))
+    w = torch.from_numpy(with_spectrum(m, n, s_true, seed=3))
+    k = 64
+    f = gram_svd(w, k)
+    u, s, vt = np.linalg.svd(w.numpy(), full_matrices=False)
+    assert f.u.shape == (m, k) and f.vh.shape == (k, n) and f.s.shape == (min(m, n),)
+    assert f.u.dtype == f.s.dtype == f.vh.dtype == torch.float64
+    # σ_i carries ≈ ε·σ_1²/σ_i: ≤ 1e-12·σ_1 for σ_i ≥ 1e-2·σ_1 (GRAM_RCOND = 1e-4 allows 1e-12 at most)
+    np.testing.assert_allclose(f.s.numpy(), s, rtol=0, atol=1e-12 * s[0])
+    np.testing.assert_allclose(f.u.numpy() @ f.u.numpy().T, u[:, :k] @ u[:, :k].T, atol=1e-10)
+    np.testing.assert_allclose(f.vh.numpy().T @ f.vh.numpy(), vt[:k].T @ vt[:k], atol=1e-10)
+    np.testing.assert_allclose(f.u.numpy().T @ f.u.numpy(), np.eye(k), atol=1e-11)
+    np.testing.assert_allclose(f.vh.numpy() @ f.vh.numpy().T, np.eye(k), atol=1e-11)
+    np.testing.assert_allclose(w.numpy() @ f.vh.numpy().T, f.u.numpy() * f.s.numpy()[:k], atol=1e-11)
+    left_only, right_only = gram_svd(w, k, right=False), gram_svd(w, k, left=False)
+    assert left_only.vh.shape == (0, n) and right_only.u.shape == (m, 0)
+    torch.testing.assert_close(left_only.u, f.u) and torch.testing.assert_close(right_only.vh, f.vh)
 
 
-@pytest.mark.parametrize("budget", [1, 20_000, 2**30])
-def test_batched_factors_equal_per_matrix_svd(three_layer_run, budget, monkeypatch):
-    origin_dir, run_dir = three_layer_run
-    ckpt = find_checkpoints(run_dir)[-1]
-    refs = matched_matrices(open_checkpoint(origin_dir), ckpt)
-    batches = []
-    real_svd64 = engine.svd64
+def test_gram_svd_falls_back_to_the_svd_when_ill_conditioned():
+    """σ_min ≤ GRAM_RCOND·σ_1 (here a rank-5 matrix): the Gram route would lose the small σ, so svd64 is taken."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 200, generator=g, dtype=torch.float64)
+    f, ref = gram_svd(w, 16), svd64(w, 16)
+    assert torch.equal(f.s, ref.s) and torch.equal(f.u, ref.u) and torch.equal(f.vh, ref.vh)
+    batch = torch.randn(3, 40, 30, generator=g, dtype=torch.float64)
+    assert torch.equal(gram_svd(batch, 4).s, svd64(batch, 4).s)  # batches: the SVD
 
-    def recording_svd64(w, k=None):
-        batches.append(w.shape[0])
-        return real_svd64(w, k)
 
-    monkeypatch.setattr(engine, "svd64", recording_svd64)
-    k = 8
-    got = engine.batched_factors(ckpt, refs, k, torch.device("cpu"), budget_bytes=budget)
-    assert set(got) == {f"{r.layer}|{r.module}" for r in refs} and len(refs) == 21
-    assert sum(batches) == len(refs)
-    if budget == 1:
-        assert set(batches) == {1}
-    elif budget == 20_000:  # 2 of 32×32, 4 of 16×32, 1 of 48×32 and 32×48 per chunk
-        assert 1 in batches and max(batches) > 1
-    else:
-        assert len(batches) == 4  # one call per shape
-    for ref in refs:
-        f = got[f"{ref.layer}|{ref.module}"]
-        w = ckpt.read_matrix(ref)
-        m, n = ref.shape
-        assert f.u.shape == (m, k) and f.vh.shape == (k, n) and f.s.shape == (min(m, n),)
-        u, s, vt = np.linalg.svd(w.double().numpy(), full_matrices=False)
-        np.testing.assert_allclose(f.s.numpy(), s, rtol=1e-10, atol=1e-12)
-        ref_f = real_svd64(w, k)
-        np.testing.assert_allclose(f.s.numpy(), ref_f.s.numpy(), rtol=1e-12, atol=1e-14)
-        # the same singular vectors up to sign: equal rank-one projectors u_i u_iᵀ and v_i v_iᵀ (distinct σ)
-        assert float(np.min(-np.diff(s[: k + 1]) / s[0])) > 1e-6
-        np.testing.assert_allclose(np.abs(f.u.numpy()), np.abs(u[:, :k]), atol=1e-8)
-        np.testing.assert_allclose(np.abs(f.vh.numpy()), np.abs(vt[:k]), atol=1e-8)
-        pu = f.u.numpy() @ f.u.numpy().T
-        np.testing.assert_allclose(pu, u[:, :k] @ u[:, :k].T, atol=1e-10)
-        pv = f.vh.numpy().T @ f.vh.numpy()
-        np.testing.assert_allclose(pv, ref_f.vh.numpy().T @ ref_f.vh.numpy(), atol=1e-10)
-        # and it is the factorisation of this matrix
-        np.testing.assert_allclose(w.double().numpy() @ f.vh.numpy().T, f.u.numpy() * f.s.numpy()[:k], atol=1e-10)
+@pytest.mark.parametrize("exact", [False, True])
+def test_endpoint_factors_keep_only_the_sides_with_angles(exact):
+    """angle_k ≥ a side's dimension makes that side's angles zero by construction: no vectors are kept for it."""
+    w = torch.from_numpy(with_spectrum(300, 100, np.geomspace(1.0, 0.1, 100), seed=5))
+    wide = endpoint_factors(w, Settings(angle_k=512, exact=exact))  # k = 100 = n: V trivial, U the range of W
+    assert wide.u.shape == (300, 100) and wide.vh.shape == (0, 100) and wide.s.shape == (100,)
+    square = endpoint_factors(w[:100], Settings(angle_k=512, exact=exact))
+    assert square.u.shape == (100, 0) and square.vh.shape == (0, 100)
+    both = endpoint_factors(w, Settings(angle_k=16, exact=exact))
+    assert both.u.shape == (300, 16) and both.vh.shape == (16, 100)
+    ref = svd64(w, 16)
+    np.testing.assert_allclose(both.s.numpy(), ref.s.numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(both.u.numpy() @ both.u.numpy().T, ref.u.numpy() @ ref.u.numpy().T, atol=1e-10)
+    a0, a1 = principal_angles(w.shape, None, 512, wide, endpoint_factors(w * 1.01, Settings(angle_k=512)))
+    assert a1.shape == (100,) and bool((a1 == 0).all())  # the whole right space against itself
+    assert float(a0.max()) < 1e-6  # a scaled matrix has the same range
 
 
 # --- 10. the QR route of svd64 for large tall and wide matrices --------------------------------------------------

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 import opd_lens
 from opd_lens.checkpoints import matched_matrices, open_checkpoint, plan_matrices, save_checkpoint
 from opd_lens.checkpoints.names import natural_key
-from opd_lens.diagnostics import Settings, svd64
+from opd_lens.diagnostics import Settings
 from opd_lens.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
 from opd_lens.store import SCALARS, StoreError
 from opd_lens.synthetic import qwen3_config, write_planted_run
@@ -394,28 +394,6 @@ def test_nan_and_inf_are_recorded_as_nan_with_one_warning_each(tmp_path):
     same_values(ds.sel(module=others), clean.sel(run="r", layer=0, module=others))
     assert np.isfinite(ds.sel(step=3, module=others).max_angle_v).all()
     assert opd_lens.open_store(store).compute(progress=False).matrices_read == 0  # nothing left to redo
-
-
-def test_batched_endpoint_svds_leave_out_nonfinite_matrices(tmp_path):
-    """The GPU path's batched SVDs (run here on the CPU): a NaN matrix is left out, a read failure skips the step."""
-    from opd_lens.engine import batched_factors
-    from opd_lens.store import matrix_key
-
-    _, run = write_planted_run(tmp_path / "r", config=CONFIG, steps=(1,))
-    ckpt_dir = run / "checkpoint-1"
-    t = tensors_of(ckpt_dir)
-    t[UP][2, 2] = math.nan
-    resave(ckpt_dir, t)
-    ckpt = open_checkpoint(ckpt_dir)
-    refs = ckpt.plan().matrices
-    out = batched_factors(ckpt, refs, 8, "cpu")
-    assert set(out) == {matrix_key(r) for r in refs if r.tensor != UP}
-    for r in refs:
-        if r.tensor != UP:
-            np.testing.assert_allclose(out[matrix_key(r)].s, svd64(ckpt.read_matrix(r)).s, rtol=1e-10)
-    _unknown_dtype(ckpt_dir)
-    with pytest.raises(CheckpointError, match="cannot read tensor"):
-        batched_factors(open_checkpoint(ckpt_dir), refs, 8, "cpu")
 
 
 def test_dask_skips_a_step_its_workers_cannot_read_and_records_nan(tmp_path):

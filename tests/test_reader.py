@@ -620,3 +620,31 @@ def test_duplicate_keys_in_a_checkpoint_are_a_corrupt_checkpoint(tmp_path):
     with pytest.raises(CorruptCheckpointError) as ei:
         ckpt.plan()
     assert str(ckpt.path) in str(ei.value) and "self_attn.q_proj" in str(ei.value)
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Set the mtime of ``path`` and everything under it ``seconds`` into the past."""
+    for p in [path, *path.rglob("*")]:
+        t = p.stat().st_mtime - seconds
+        os.utime(p, (t, t))
+
+
+def test_reopening_an_unchanged_checkpoint_reuses_it_and_any_change_reopens(tmp_path):
+    path = save_checkpoint(
+        tmp_path / "ckpt", random_state_dict({"model.layers.0.mlp.up_proj.weight": (32, 16)}, seed=0), step=5
+    )
+    fresh = open_checkpoint(path)
+    assert open_checkpoint(path) is not fresh  # just written: a rewrite within the timestamp granularity could hide
+    _age(path, 60)
+    first = open_checkpoint(path)
+    assert open_checkpoint(path) is first
+    fingerprint = first.fingerprint
+    save_checkpoint(
+        path, random_state_dict({"model.layers.0.mlp.up_proj.weight": (32, 16)}, seed=1), step=5
+    )  # rewritten in place, same size and names
+    again = open_checkpoint(path)
+    assert again is not first and again.fingerprint != fingerprint
+    _age(path, 60)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError):
+        open_checkpoint(path)

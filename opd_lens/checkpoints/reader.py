@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import struct
+import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -123,12 +124,9 @@ class Checkpoint:
         a cryptographic hash of every byte.
         """
         h = hashlib.sha256()
-        if self.adapter is not None:  # the scale is in the config
-            for config in sorted({info.file.parent / ADAPTER_CONFIG for info in self.tensors.values()}):
-                h.update(_read_small(config))
-        files = {info.file for info in self.tensors.values()}
-        files |= {f for m in files if m.name == DCP_METADATA for f in m.parent.glob("*.distcp")}  # DCP's data
-        for file in sorted(files):
+        for config in self._configs():  # an adapter's scale is in its config
+            h.update(_read_small(config))
+        for file in self._weight_files():
             try:
                 size = file.stat().st_size
                 with open(file, "rb") as f:
@@ -143,6 +141,25 @@ class Checkpoint:
                 raise CorruptCheckpointError(f"{file}: cannot read: {e}") from None
             h.update(f"{file.name}\0{size}\0".encode() + head + tail)
         return h.hexdigest()
+
+    def _configs(self) -> list[Path]:
+        if self.adapter is None:
+            return []
+        return sorted({info.file.parent / ADAPTER_CONFIG for info in self.tensors.values()})
+
+    def _weight_files(self) -> list[Path]:
+        files = {info.file for info in self.tensors.values()}
+        files |= {f for m in files if m.name == DCP_METADATA for f in m.parent.glob("*.distcp")}  # DCP's data
+        return sorted(files)
+
+    def _signature(self) -> tuple:
+        """(path, inode, size, mtime) of the directory, of everything in it and of every file elsewhere that the
+        content lives in: changes whenever one of them is rewritten, replaced, added or removed (up to the file
+        system's timestamp granularity)."""
+        inside = sorted(Path(e.path) for e in os.scandir(self.path))
+        outside = [p for p in (*self._configs(), *self._weight_files()) if p.parent != self.path]
+        paths = [self.path, *inside, *sorted({p.parent for p in outside}), *outside]
+        return tuple((p, (st := p.stat()).st_ino, st.st_size, st.st_mtime_ns) for p in paths)
 
     def plan(self, include_globals: bool = False) -> MatrixPlan:
         """The analysed matrices of this checkpoint (see :mod:`opd_lens.checkpoints.names`)."""
@@ -244,15 +261,48 @@ def open_checkpoint(
     ``torch.load(weights_only=True)``, memory-mapped.
     """
     path = Path(path)
+    if allow_pickle is None:
+        allow_pickle = os.environ.get(PICKLE_ENV, "0") not in ("", "0")
     try:
-        return _open(path, step, allow_pickle)
+        return _open_cached(path, step, allow_pickle)
     except CheckpointError:  # CheckpointNotFoundError is an OSError too
         raise
     except OSError as e:  # a directory or file we may not read, a symlink loop, ...
         raise CheckpointError(f"{e.filename or path}: cannot read: {e.strerror or e}") from None
 
 
-def _open(path: Path, step: int | None, allow_pickle: bool | None) -> Checkpoint:
+_OPENED: dict[tuple, tuple[tuple, Checkpoint]] = {}
+"""(path, step, allow_pickle) -> (signature, checkpoint): re-opening an unchanged checkpoint costs a directory
+listing and a few ``stat`` calls, so that planning a run does not slow down as the run grows."""
+_OPENED_MAX = 4096
+_RACY_NS = 2 * 10**9
+"""A checkpoint modified less than this before it was opened is opened again next time: a rewrite within the
+file system's timestamp granularity would leave its signature unchanged (git's "racy" index entries)."""
+
+
+def _open_cached(path: Path, step: int | None, allow_pickle: bool) -> Checkpoint:
+    key = (path.absolute(), step, allow_pickle)
+    if (hit := _OPENED.pop(key, None)) is not None:
+        try:
+            if hit[1]._signature() == hit[0]:
+                _OPENED[key] = hit
+                return hit[1]
+        except OSError:
+            pass
+    opened = time.time_ns()
+    ckpt = _open(path, step, allow_pickle)
+    try:
+        signature = ckpt._signature()
+    except OSError:
+        return ckpt
+    if all(mtime < opened - _RACY_NS for *_, mtime in signature):
+        if len(_OPENED) >= _OPENED_MAX:
+            del _OPENED[next(iter(_OPENED))]
+        _OPENED[key] = (signature, ckpt)
+    return ckpt
+
+
+def _open(path: Path, step: int | None, allow_pickle: bool) -> Checkpoint:
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise CheckpointNotFoundError(f"{path}: checkpoint directory {what}")
@@ -269,7 +319,7 @@ def _open(path: Path, step: int | None, allow_pickle: bool | None) -> Checkpoint
     else:
         files = weight_files(path)
         if not files and (pickles := pickle_files(path)):
-            if not (allow_pickle if allow_pickle is not None else os.environ.get(PICKLE_ENV, "0") not in ("", "0")):
+            if not allow_pickle:
                 raise CheckpointNotFoundError(
                     f"{pickles[0]}: a pickle checkpoint; opd_lens reads safetensors only by default, since loading a "
                     f"pickle can run code. Convert it to safetensors, or opt in with {PICKLE_ENV}=1 (or "

@@ -54,7 +54,15 @@ from .krylov import KRYLOV_TOL, TopSpectrum, krylov_budget, top_spectrum
 from .linalg import Factors, all_finite, gram_svd, subspace_angles, svd64, top_right_singular_vectors
 from .lora import lora_diagnostics, lora_spectrum, lora_update_mask, lora_weight
 from .masks import MASK_ALPHA, MASK_RANK, fraction_mask, lowmag_mask, mask_overlap, principal_mask
-from .matrix import MatrixDiagnostics, OriginFactors, Settings, endpoint_factors, matrix_diagnostics, origin_factors
+from .matrix import (
+    MatrixDiagnostics,
+    OriginFactors,
+    Settings,
+    endpoint_factors,
+    matrix_diagnostics,
+    nonfinite_diagnostics,
+    origin_factors,
+)
 from .spectral import ANGLE_K, principal_angles, spectral_shift
 from .support import ETA, UpdatePass, unchanged_fraction, update_mask, update_pass
 from .trajectory import HILL_K, LOCK_K, hill_alpha, sim_k, stable_rank, update_fro
@@ -87,6 +95,7 @@ __all__ = [
     "lowmag_mask",
     "mask_overlap",
     "matrix_diagnostics",
+    "nonfinite_diagnostics",
     "origin_factors",
     "principal_angles",
     "principal_mask",

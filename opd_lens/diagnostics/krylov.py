@@ -104,7 +104,10 @@ def krylov_budget(m: int, n: int, block: int = 32) -> int:
     gram = _NS_GRAM[0] * m * n * s + _NS_GRAM[1] * s**3
     a, b, c = _NS_KRYLOV
     d = 2 * block
-    while d + block <= s and a * m * n * (d + block) + b * (m + n) * (d + block) ** 2 + c * (d + block) ** 4 / block <= gram:
+    while (
+        d + block <= s
+        and a * m * n * (d + block) + b * (m + n) * (d + block) ** 2 + c * (d + block) ** 4 / block <= gram
+    ):
         d += block
     return d
 

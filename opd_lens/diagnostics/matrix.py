@@ -7,6 +7,7 @@ from a full float64 SVD with ``Settings(exact=True)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "origin_factors",
     "endpoint_factors",
     "matrix_diagnostics",
+    "nonfinite_diagnostics",
     "assemble",
 ]
 
@@ -92,7 +94,7 @@ def origin_factors(w0: torch.Tensor, settings: Settings = Settings()) -> OriginF
     f = _factorize(w0, max(min(settings.angle_k, m, n), r), settings.exact)
     principal = principal_mask(w0, r, settings.mask_alpha, f)
     return OriginFactors(
-        factors=_keep(f, settings.angle_k),
+        factors=keep_angle_sides(f, settings.angle_k),
         principal_mask=bits.pack(principal),
         lowmag_mask=bits.pack(lowmag_mask(w0, settings.mask_alpha)),
     )
@@ -108,7 +110,7 @@ def endpoint_factors(w: torch.Tensor, settings: Settings = Settings()) -> Factor
     k = min(settings.angle_k, m, n)
     left, right = angle_sides(m, n, k)
     if settings.exact:
-        return _keep(svd64(w, k), settings.angle_k)
+        return keep_angle_sides(svd64(w, k), settings.angle_k)
     return gram_svd(w, k, left=left, right=right)
 
 
@@ -116,7 +118,7 @@ def _factorize(w: torch.Tensor, k: int, exact: bool) -> Factors:
     return svd64(w, k) if exact else gram_svd(w, k)
 
 
-def _keep(f: Factors, angle_k: int) -> Factors:
+def keep_angle_sides(f: Factors, angle_k: int) -> Factors:
     """``f`` cut to the top-``angle_k`` vectors of the sides with non-trivial angles."""
     m, n = f.u.shape[-2], f.vh.shape[-1]
     k = min(angle_k, m, n)
@@ -186,4 +188,31 @@ def assemble(
         angles_u=angles_u,
         angles_v=angles_v,
         lock_basis=top.v[:, : settings.lock_k],
+    )
+
+
+def nonfinite_diagnostics(
+    w0: torch.Tensor, wt: torch.Tensor, settings: Settings, origin: OriginFactors | None
+) -> MatrixDiagnostics:
+    """The diagnostics of a pair holding NaN or Inf, without the SVDs they break: the unchanged fraction follows
+    the rules of :func:`~opd_lens.diagnostics.update_mask` for such entries; ‖ΔW‖_F, the spectra, V_K, the angles
+    and the spectral shift are NaN, and so are the mask overlaps when W_0 is the one (its masks need its SVD)."""
+    _, fro, changed, n_changed = update_pass(w0, wt, settings.eta)
+    m, n = w0.shape
+    k = min(settings.lock_k, m, n)
+    nan = float("nan")
+    overlap = (lambda mask: bits.count_and(mask, changed) / n_changed if n_changed else nan) if origin else None
+    return MatrixDiagnostics(
+        unchanged_frac=1.0 - n_changed / (m * n),
+        update_fro=fro if math.isfinite(fro) else nan,
+        stable_rank=nan,
+        hill_alpha=nan,
+        principal_overlap=overlap(origin.principal_mask) if overlap else nan,
+        lowmag_overlap=overlap(origin.lowmag_mask) if overlap else nan,
+        max_angle_u=nan,
+        max_angle_v=nan,
+        spectral_shift=nan,
+        angles_u=torch.empty(0, dtype=torch.float64),
+        angles_v=torch.empty(0, dtype=torch.float64),
+        lock_basis=torch.full((n, k), nan, dtype=torch.float64),
     )

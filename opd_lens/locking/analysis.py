@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..diagnostics.trajectory import sim_k
 from ..store import Store, StoreError, open_store, parse_matrix_key
 
 __all__ = ["lock_alignment", "lock_summary"]
@@ -55,10 +54,9 @@ def lock_alignment(
         anchor = bases.load(ref)
         for step in steps:
             j = int(np.flatnonzero(ds.step.values == step)[0])
-            for key, basis in bases.load(step).items():
-                if key in anchor:
-                    layer, module = parse_matrix_key(key)
-                    sim_ref[r, j, layers[layer], modules[module]] = float(sim_k(basis, anchor[key]))
+            for key, sim in bases.alignment(step, anchor).items():
+                layer, module = parse_matrix_key(key)
+                sim_ref[r, j, layers[layer], modules[module]] = sim
     dims = ("run", "step", "layer", "module")
     out = xr.Dataset(
         {"sim_last": ds.lock_alignment, "sim_ref": (dims, sim_ref), "stable_rank": ds.stable_rank},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..store import Store, open_store
+from ..api import Store, open_store
 from .projector import SubspaceProjector
 
 __all__ = ["OpdLensCallback"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import ipywidgets
 import pandas as pd
 
+from ..api import Store, open_store
 from ..errors import ZooError
-from ..store import Store, open_store
 from ..zoo import RUNS, Preset, load_zoo
 from ..zoo.runner import record_retrain, single_thread
 from ..zoo.train import Cancelled, Variant, train_run

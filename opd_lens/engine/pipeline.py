@@ -1,0 +1,327 @@
+"""Executing a plan: read → compute → write, locally with reads running ahead of the compute, or on Dask.
+
+The pending checkpoints of a run are taken in groups, and each group matrix by matrix: W_0 of a matrix is read
+once and its origin factors loaded once for all the group's checkpoints (a series of N checkpoints reads W_0
+N/group times instead of N), while the results, small next to the weights, wait for the group to finish. Each
+(run, step) region is then written once. A group holds as many checkpoints as :data:`GROUP_BYTES` of results
+allow (their V_K bases dominate), so memory stays that of one matrix whatever the length of the series.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoints import Checkpoint, MatrixRef
+from ..diagnostics import (
+    MatrixDiagnostics,
+    Settings,
+    all_finite,
+    lora_diagnostics,
+    lora_weight,
+    matrix_diagnostics,
+    nonfinite_diagnostics,
+)
+from ..errors import CheckpointError
+from ..store import ANGLES, SCALARS, LockBases, Store, matrix_key, write_step
+from .origin import OriginCache
+from .plan import RunPlan, StepTask
+
+__all__ = ["GROUP_BYTES", "READ_AHEAD_BYTES", "StepError", "StepOutcome", "run_local", "run_dask", "resolve_device"]
+
+GROUP_BYTES = 2**28
+"""Results (V_K bases and angle profiles) a group of checkpoints may hold before its steps are written: 256 MiB."""
+READ_AHEAD_BYTES = 2**26
+"""Weights the reader may hold ahead of the compute: 64 MiB, so reading overlaps computing for the many small
+matrices where it matters, and the largest matrices (whose compute dwarfs their read) add no memory."""
+
+STEP_SCALARS = tuple(name for name in SCALARS if name != "lock_alignment")
+
+
+class StepError(CheckpointError):
+    """A checkpoint (not the origin) could not be read: its step is skipped, the others go on."""
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    scalars: dict[str, float]
+    angles: dict[str, np.ndarray]
+    basis: torch.Tensor
+    nonfinite: tuple[bool, str] | None = None
+    """(in the origin?, the tensor and its file) when W_0 or W_t holds NaN or Inf values."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    nonfinite: list[tuple[bool, str]]
+    """The tensors holding NaN or Inf, as (in the origin?, which tensor in which file)."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when torch sees a GPU, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --- one matrix of a group -----------------------------------------------------------------------------------------
+
+
+def _read_update(ckpt: Checkpoint, ref: MatrixRef):
+    """W_t of ``ref`` (stored dtype, CPU), or a LoRA adapter's float64 factors (L, R); a failure is a StepError."""
+    try:
+        return ckpt.read_matrix(ref) if ckpt.adapter is None else ckpt.read_lora(ref)
+    except CheckpointError as e:
+        return StepError(str(e))
+
+
+def _diagnose(
+    origin: Checkpoint,
+    ckpt: Checkpoint,
+    ref: MatrixRef,
+    w0: torch.Tensor,
+    update,
+    factors,
+    settings: Settings,
+    endpoint: bool,
+    device: torch.device,
+) -> MatrixResult:
+    """The diagnostics of one matrix of one checkpoint, given W_0 (on ``device``), what was read of W_t and the
+    origin factors (``None`` when W_0 is not finite)."""
+    lora = None if ckpt.adapter is None else tuple(f.to(device) for f in update)
+    wt = update.to(device) if lora is None else None
+    nonfinite = None
+    if factors is None:
+        nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
+    elif not all(all_finite(t) for t in (lora or (wt,))):
+        where = ckpt.tensors[ref.tensor].file if lora is None else ckpt.path
+        nonfinite = False, f"{'tensor' if lora is None else 'the LoRA factors of'} {ref.tensor!r} in {where}"
+    d: MatrixDiagnostics
+    if nonfinite is not None:
+        d = nonfinite_diagnostics(w0, wt if lora is None else lora_weight(w0, *lora), settings, factors)
+    elif lora is not None:
+        d = lora_diagnostics(w0, *lora, settings, factors, endpoint=endpoint)
+    else:
+        d = matrix_diagnostics(w0, wt, settings, factors, endpoint=endpoint)
+    basis = d.lock_basis if d.update_fro > 0 else torch.full_like(d.lock_basis, math.nan)
+    return MatrixResult(
+        scalars={name: getattr(d, name) for name in STEP_SCALARS},
+        angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
+        basis=basis.to(torch.float32).cpu(),
+        nonfinite=nonfinite,
+    )
+
+
+def _matrix(origin, ref, w0, updates, tasks, cache: OriginCache, settings, device) -> dict[int, Any]:
+    """Every checkpoint of a group at one matrix: task index -> MatrixResult or StepError."""
+    w0 = w0.to(device)
+    factors = cache.get(ref, w0, with_svd=any(t.endpoint for t in tasks.values()))
+    out = {}
+    for i, task in tasks.items():
+        update = updates[i]
+        if isinstance(update, StepError):
+            out[i] = update
+        else:
+            out[i] = _diagnose(origin, task.ckpt, ref, w0, update, factors, settings, task.endpoint, device)
+    return out
+
+
+def _groups(tasks: Sequence[StepTask], settings: Settings) -> list[list[StepTask]]:
+    """Consecutive tasks in groups whose results fit in :data:`GROUP_BYTES`."""
+    groups: list[list[StepTask]] = []
+    held = 0
+    for task in tasks:
+        size = sum(4 * (ref.shape[1] * settings.lock_k + 2 * min(ref.shape)) for ref in task.refs)
+        if not groups or held + size > GROUP_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(task)
+        held += size
+    return groups
+
+
+def _by_matrix(group: Sequence[StepTask]) -> list[tuple[MatrixRef, dict[int, StepTask]]]:
+    """The group's matrices in order, each with the tasks (by index in the group) that have it."""
+    refs: dict[str, tuple[MatrixRef, dict[int, StepTask]]] = {}
+    for i, task in enumerate(group):
+        for ref in task.refs:
+            refs.setdefault(matrix_key(ref), (ref, {}))[1][i] = task
+    return list(refs.values())
+
+
+# --- writing a step ------------------------------------------------------------------------------------------------
+
+
+def _region(task: StepTask, results: Sequence[MatrixResult], grid) -> tuple[dict, dict, dict]:
+    """The (layer, module) blocks of one step's scalars and angle profiles, and its V_K bases by matrix key."""
+    layers, modules, k = grid
+    shape = (len(layers), len(modules))
+    scalars = {name: np.full(shape, np.nan, np.float32) for name in STEP_SCALARS}
+    angles = {name: np.full((*shape, k), np.nan, np.float32) for name in ANGLES}
+    for ref, res in zip(task.refs, results, strict=True):
+        i, j = layers[ref.layer], modules[ref.module]
+        for name, value in res.scalars.items():
+            scalars[name][i, j] = value
+        for name, profile in res.angles.items():
+            angles[name][i, j, : profile.shape[0]] = profile
+    bases = {matrix_key(r): res.basis for r, res in zip(task.refs, results, strict=True)}
+    return scalars, angles, bases
+
+
+def _write(write, bases: LockBases, run: int, task: StepTask, results, grid) -> StepOutcome:
+    """Save a step's V_K bases, then write its region (angles only where they may be, or may have been, set)."""
+    scalars, angles, vk = _region(task, results, grid)
+    bases.save(task.ckpt.step, vk)
+    write(run, task.slot, scalars, None if task.fresh and not task.endpoint else angles)
+    return StepOutcome([res.nonfinite for res in results if res.nonfinite])
+
+
+# --- local ---------------------------------------------------------------------------------------------------------
+
+
+class ReadAhead:
+    """Runs ``jobs`` ((bytes, read) pairs) in a background thread, yielding their results in order; at most
+    ``budget`` bytes of results are held ahead of the consumer, the one being consumed included, except that the
+    next job always runs when nothing else is held (so a job larger than the budget is read when it is needed)."""
+
+    def __init__(self, jobs: Sequence[tuple[int, Callable[[], Any]]], budget: int = READ_AHEAD_BYTES):
+        self._jobs = deque(jobs)
+        self._budget = budget
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="opd-lens-read")
+        self._ahead: deque = deque()
+        self._held = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            current = 0
+            while self._jobs or self._ahead:
+                self._held -= current
+                self._fill()
+                future, current = self._ahead.popleft()
+                result = future.result()
+                self._fill()
+                yield result
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _fill(self) -> None:
+        while self._jobs and (not self._held or self._held + self._jobs[0][0] <= self._budget):
+            size, job = self._jobs.popleft()
+            self._ahead.append((self._pool.submit(job), size))
+            self._held += size
+
+
+def run_local(
+    store: Store, plan: RunPlan, device, progress: bool, tally: Callable[[int], None]
+) -> Iterator[tuple[StepTask, Any]]:
+    """Compute ``plan`` in this process; yields (task, StepOutcome or StepError) as steps are written and
+    ``tally``s the matrices read."""
+    dev = resolve_device(device)
+    settings = store.settings
+    cache = OriginCache.of(store, plan.origin)
+    write = store.step_writer()
+    bases = store.lock_bases(plan.name)
+    run, grid = store.run_index(plan.name), store.grid()
+    bar = tqdm(total=len(plan.tasks), desc=f"{plan.name} checkpoints", unit="ckpt", disable=not progress)
+    try:
+        for group in _groups(plan.tasks, settings):
+            matrices = _by_matrix(group)
+            results: list[list] = [[] for _ in group]
+            failed: dict[int, StepError] = {}  # a step that failed to read is read no further
+            jobs = []
+            for ref, tasks in matrices:
+                jobs.append(
+                    (_nbytes(plan.origin, ref), lambda ref=ref, t=tasks, f=failed: _read_origin(plan.origin, ref, t, f))
+                )
+                for i, task in tasks.items():
+                    jobs.append(
+                        (
+                            _nbytes(task.ckpt, ref),
+                            lambda i=i, c=task.ckpt, ref=ref, f=failed: f.get(i) or _read_update(c, ref),
+                        )
+                    )
+            inner = tqdm(matrices, desc=f"step {group[0].ckpt.step}", unit="matrix", leave=False, disable=not progress)
+            with closing(iter(ReadAhead(jobs))) as reads:
+                for ref, tasks in inner:
+                    w0 = next(reads)
+                    updates = {i: next(reads) for i in tasks}
+                    live = {i: t for i, t in tasks.items() if i not in failed}
+                    if not live:
+                        continue
+                    for i, res in _matrix(plan.origin, ref, w0, updates, live, cache, settings, dev).items():
+                        if isinstance(res, StepError):
+                            failed[i] = res
+                        else:
+                            results[i].append(res)
+            inner.close()
+            # the matrices read for the steps computed: each one's own, and W_0 of every matrix that one of them has
+            done = [task for i, task in enumerate(group) if i not in failed]
+            tally(len({matrix_key(r) for t in done for r in t.refs}) + sum(len(t.refs) for t in done))
+            for i, task in enumerate(group):
+                yield task, failed[i] if i in failed else _write(write, bases, run, task, results[i], grid)
+            bar.update(len(group))
+    finally:
+        bar.close()
+
+
+def _read_origin(origin: Checkpoint, ref: MatrixRef, tasks: dict[int, StepTask], failed: dict) -> torch.Tensor | None:
+    """W_0 of ``ref``, or ``None`` when every step that needs it has already failed to read."""
+    return None if all(i in failed for i in tasks) else origin.read_matrix(ref)
+
+
+def _nbytes(ckpt: Checkpoint, ref: MatrixRef) -> int:
+    if ckpt.adapter is not None:
+        return 0
+    info = ckpt.tensors[ref.tensor]
+    return math.prod(ref.shape) * {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}.get(info.dtype, 8)
+
+
+# --- Dask ----------------------------------------------------------------------------------------------------------
+
+
+def _matrix_job(origin, ref, tasks, cache, settings, device) -> tuple[dict[int, Any], int]:
+    """A Dask task: one matrix for every checkpoint of a group (W_0 read once), and the matrices read."""
+    w0 = origin.read_matrix(ref)
+    updates = {i: _read_update(t.ckpt, ref) for i, t in tasks.items()}
+    return _matrix(origin, ref, w0, updates, tasks, cache, settings, resolve_device(device)), 1 + len(tasks)
+
+
+def _write_job(path, bases_dir, run, grid, task, index, parts) -> StepOutcome | StepError:
+    """A Dask task: write one step's region from its matrices' results (``parts``, one per matrix job)."""
+    results = [part[index] for part, _ in parts]
+    if failed := next((res for res in results if isinstance(res, StepError)), None):
+        return failed
+    return _write(lambda *a: write_step(path, *a), LockBases(bases_dir), run, task, results, grid)
+
+
+def run_dask(
+    store: Store, plan: RunPlan, device, client, progress: bool, tally: Callable[[int], None]
+) -> Iterator[tuple[StepTask, Any]]:
+    """Compute ``plan`` on a Dask cluster: a task per matrix and group of checkpoints, a task per step that writes
+    its region (workers must see the store and the checkpoints at the same paths)."""
+    settings = store.settings
+    cache = OriginCache.of(store, plan.origin)
+    run, grid = store.run_index(plan.name), store.grid()
+    bases_dir = store.run_cache(plan.name)
+    for group in _groups(plan.tasks, settings):
+        matrices = _by_matrix(group)
+        parts = {
+            matrix_key(ref): client.submit(_matrix_job, plan.origin, ref, tasks, cache, settings, device, pure=False)
+            for ref, tasks in matrices
+        }
+        writes = []
+        for i, task in enumerate(group):
+            mine = [parts[matrix_key(ref)] for ref in task.refs]
+            writes.append(client.submit(_write_job, store.data_path, bases_dir, run, grid, task, i, mine, pure=False))
+        for task, fut in zip(group, tqdm(writes, desc=plan.name, unit="step", disable=not progress), strict=True):
+            yield task, fut.result()
+        tally(sum(n for _, n in client.gather(list(parts.values()))))

@@ -1,0 +1,105 @@
+"""Planning a compute: which checkpoints of a run are new or changed, which steps get endpoint metrics, and what
+must be invalidated before anything is written."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
+from ..errors import CheckpointError, CheckpointWarning
+from ..store import Store, StoreError
+
+__all__ = ["StepTask", "RunPlan", "plan_run", "endpoint_steps"]
+
+
+@dataclass(frozen=True)
+class StepTask:
+    """One checkpoint to compute: its matrices, its slot along ``step`` and whether it gets endpoint metrics."""
+
+    ckpt: Checkpoint
+    refs: list[MatrixRef]
+    slot: int
+    endpoint: bool
+    fresh: bool
+    """The slot was never written, so its angle arrays hold only their fill value and need no write."""
+
+
+@dataclass
+class RunPlan:
+    name: str
+    origin: Checkpoint
+    tasks: list[StepTask] = field(default_factory=list)
+    rewrites: list[int] = field(default_factory=list)
+    """Recorded steps that are recomputed: unrecorded, and their lock_alignment invalidated, before any write."""
+    stale_lock: list[int] = field(default_factory=list)
+    """Recorded steps whose lock_alignment must be invalidated before any write: the rewritten ones, or all when
+    the final channel itself is rewritten."""
+
+
+def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None]) -> RunPlan:
+    """What computing run ``name`` of ``store`` involves; ``skip(path, message)`` hears of unreadable checkpoints.
+
+    A checkpoint is left alone when its step is recorded with the same content fingerprint, its V_K bases are
+    cached and, if it is an endpoint step, it holds endpoint metrics (a step that lacks them is recomputed; angles
+    already stored are kept, so a step that was last when computed keeps its angles)."""
+    spec = store.runs.get(name)
+    if spec is None:
+        raise StoreError(f"{store.path}: no run named {name!r}; registered: {list(store.runs)}")
+    origin = open_checkpoint(spec["origin"])
+    if origin.fingerprint != spec["origin_fingerprint"]:
+        raise StoreError(f"{origin.path}: the origin of run {name!r} changed since it was added; use a new store")
+    plan = RunPlan(name, origin)
+    ckpts = find_checkpoints(spec["run_dir"], on_skip=skip)
+    if not ckpts:
+        return plan
+    recorded = store.recorded(name)
+    bases = store.lock_bases(name)
+    ends = endpoint_steps(endpoint, [c.step for c in ckpts])
+    used = store.used_slots()
+    todo = []
+    for c in ckpts:
+        entry = recorded.get(c.step)
+        same = entry is not None and entry["fingerprint"] == c.fingerprint
+        if same and bases.has(c.step) and (c.step not in ends or entry["endpoint"]):
+            continue
+        if entry is not None and not same:
+            warnings.warn(
+                f"{c.path}: changed since it was computed; recomputing step {c.step}", CheckpointWarning, stacklevel=4
+            )
+        try:
+            refs = matched_matrices(origin, c, spec["include_globals"])
+        except CheckpointError as e:
+            skip(c.path, f"skipping step {c.step}: {e}")
+            continue
+        todo.append((c, refs))
+        if entry is not None:
+            plan.rewrites.append(c.step)
+    slots = store.step_slots(c.step for c, _ in todo)
+    for c, refs in todo:
+        slot = slots[c.step]
+        plan.tasks.append(StepTask(c, refs, slot, c.step in ends, slot not in used))
+    plan.stale_lock = list(plan.rewrites)
+    if plan.tasks and max({*recorded, *(t.ckpt.step for t in plan.tasks)}) in plan.rewrites:
+        plan.stale_lock = sorted(recorded)  # a rewritten final channel: every lock_alignment refers to the old one
+    return plan
+
+
+def endpoint_steps(endpoint: str | Sequence[int], steps: list[int]) -> set[int]:
+    """The steps that get endpoint metrics: ``"last"``, ``"all"``, ``"none"``, a list or a comma-separated string."""
+    if isinstance(endpoint, str):
+        if endpoint == "last":
+            return {max(steps)}
+        if endpoint == "all":
+            return set(steps)
+        if endpoint == "none":
+            return set()
+        try:
+            return {int(s) for s in endpoint.split(",") if s.strip()}
+        except ValueError:
+            raise StoreError(
+                f"endpoint must be last, all, none or a comma-separated list of steps, got {endpoint!r}"
+            ) from None
+    return {int(s) for s in endpoint}
