@@ -89,6 +89,11 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per stored element (8 for a dtype safetensors does not name, e.g. a pickle's)."""
+        return _DTYPE_BYTES.get(self.dtype, 8)
+
 
 @dataclass(frozen=True, eq=False)
 class Checkpoint:

@@ -281,8 +281,7 @@ def _read_origin(origin: Checkpoint, ref: MatrixRef, tasks: dict[int, StepTask],
 def _nbytes(ckpt: Checkpoint, ref: MatrixRef) -> int:
     if ckpt.adapter is not None:
         return 0
-    info = ckpt.tensors[ref.tensor]
-    return math.prod(ref.shape) * {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}.get(info.dtype, 8)
+    return math.prod(ref.shape) * ckpt.tensors[ref.tensor].itemsize
 
 
 # --- Dask ----------------------------------------------------------------------------------------------------------
