@@ -1,8 +1,8 @@
 """Synthetic checkpoint series with a planted update, written in real trainer layouts.
 
-For tests, benchmarks and the foundation demo: a tiny Qwen3-shaped model whose cumulative update
-ΔW_t = (t/T)·(B_r A_r + S) is a rank-r channel B_r A_r plus a sparse part S, so the diagnostics have known
-structure (a locked right subspace, a stable rank near r, partial bf16 sparsity).
+For tests, benchmarks and the foundation demo: a tiny Qwen3-shaped model whose cumulative update ΔW_t = (t/T)·D
+grows along one fixed direction D of known spectrum (see ``SPECTRA``), so the diagnostics have known structure (a
+locked right subspace, a stable rank set by the spectrum, partial bf16 sparsity).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import torch
 
 from .checkpoints import checkpoint_path, save_checkpoint
 
-__all__ = ["qwen3_config", "qwen3_shapes", "write_planted_run"]
+__all__ = ["SPECTRA", "qwen3_config", "qwen3_shapes", "write_planted_run"]
+
+SPECTRA = {
+    "bulk": "a rank-r channel B A plus a sparse Gaussian S of equal rms: σ_(r+1)… sit at the edge of a "
+    "Marchenko–Pastur bulk, about 1% apart (the adversarial case for a Krylov method)",
+    "planted": "the rank-r channel B A plus the sparse S at a tenth of its rms: a clear gap after σ_r",
+    "powerlaw": "full rank, σ_i ∝ 1/i, random singular vectors: the decaying spectra of real fine-tuning updates",
+}
+"""The update directions ``write_planted_run`` can plant, by name."""
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -61,6 +69,7 @@ def write_planted_run(
     rank: int = 4,
     scale: float = 0.02,
     density: float = 0.3,
+    spectrum: str = "bulk",
     layout: str = "hf",
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int | None = None,
@@ -68,14 +77,17 @@ def write_planted_run(
 ) -> tuple[Path, Path]:
     """Write an origin checkpoint and a run of checkpoints at ``steps``; return ``(origin_dir, run_dir)``.
 
-    Each matrix gets ΔW_t = (t/T)·scale·rms(W_0)·(B A / ‖B A‖_rms + S), B A of rank ``rank`` and S a sparse
-    Gaussian with the given ``density``. 1-D weights stay at W_0.
+    Each matrix gets ΔW_t = (t/T)·scale·rms(W_0)·D with D of rms ≈ 1 shaped by ``spectrum`` (a key of ``SPECTRA``):
+    B A / ‖B A‖_rms of rank ``rank``, plus S a sparse Gaussian with the given ``density`` unless it is "powerlaw".
+    1-D weights stay at W_0.
     """
+    if spectrum not in SPECTRA:
+        raise ValueError(f"unknown spectrum {spectrum!r}; choose one of {', '.join(SPECTRA)}")
     config = config or qwen3_config()
     out = Path(out)
     gen = torch.Generator().manual_seed(seed)
     origin = {name: _init(shape, gen) for name, shape in qwen3_shapes(config).items()}
-    delta = {name: _planted(w, rank, density, gen) for name, w in origin.items() if w.ndim == 2}
+    delta = {name: _direction(w, spectrum, rank, density, gen) for name, w in origin.items() if w.ndim == 2}
     origin_dir = save_checkpoint(out / "origin", _cast(origin, dtype), config=config)
     run_dir = out / "run"
     last = max(steps)
@@ -92,12 +104,18 @@ def _init(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen) / shape[1] ** 0.5
 
 
-def _planted(w: torch.Tensor, rank: int, density: float, gen: torch.Generator) -> torch.Tensor:
+def _direction(w: torch.Tensor, spectrum: str, rank: int, density: float, gen: torch.Generator) -> torch.Tensor:
     m, n = w.shape
+    rms = w.pow(2).mean().sqrt()
+    if spectrum == "powerlaw":
+        p = min(m, n)
+        u = torch.linalg.qr(torch.randn(m, p, generator=gen)).Q
+        v = torch.linalg.qr(torch.randn(n, p, generator=gen)).Q
+        d = (u / torch.arange(1, p + 1)) @ v.T
+        return rms * d / d.pow(2).mean().sqrt()
     low = torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
     sparse = torch.randn(m, n, generator=gen) * (torch.rand(m, n, generator=gen) < density)
-    rms = w.pow(2).mean().sqrt()
-    return rms * (low / low.pow(2).mean().sqrt() + sparse)
+    return rms * (low / low.pow(2).mean().sqrt() + (0.1 if spectrum == "planted" else 1.0) * sparse)
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
