@@ -10,7 +10,9 @@ measures, in ONE process so that ratios are comparable on a noisy machine:
 per checkpoint, trajectory metrics (what grows with the number of checkpoints)
     (a) the read floor: stream every analysed matrix of W_0 and W_t from safetensors, form ΔW in float32;
     (f) the non-spectral part: the read, opd_lens's one update pass and both mask overlaps (no spectra, no store);
-    (b) opd_lens, default settings, no endpoint metrics (W_0's factors already cached);
+    (b) opd_lens, default settings, no endpoint metrics (W_0's factors already cached), checkpoints added to a
+        store one at a time as a series or ``opd-lens watch`` adds them (``Store.compute`` after each);
+    (b₁) the same as one ``opd_lens.compute`` call into a fresh store (creating its arrays, returning the Dataset);
     (d) naive: a full float64 SVD of ΔW per matrix (stable rank, Hill α, V_16) plus the elementwise metrics;
 endpoint metrics at every checkpoint
     (c) opd_lens ``endpoint="all"`` (W_0's factors already cached);
@@ -105,12 +107,15 @@ def main() -> None:
         len(ckpts),
     )
     print(f"{'':62s}f/a = {f / a:5.1f}  (target ≤ 1.5)")
-    b = _row(
-        "(b) opd_lens default trajectory metrics",
-        lambda: _opd_lens(args.work / "b", run, origin, warm, "none"),
+    b = _series(args.work / "b", ckpts, origin, warm)
+    print(f"  {'(b) opd_lens trajectory metrics, one checkpoint at a time':<58s} {b:8.2f} s", flush=True)
+    print(f"{'':62s}b/a = {b / a:5.1f}  (target ≤ {TRAJECTORY_TARGET[args.spectrum]})")
+    b1 = _row(
+        "(b₁) the same in one compute() into a fresh store",
+        lambda: _opd_lens(args.work / "b1", run, origin, warm, "none"),
         len(ckpts),
     )
-    print(f"{'':62s}b/a = {b / a:5.1f}  (target ≤ {TRAJECTORY_TARGET[args.spectrum]})")
+    print(f"{'':62s}b₁/a = {b1 / a:4.1f}")
     naive = ckpts[:n_ref]
     d = _row(
         "(d) naive: full float64 SVD of ΔW per matrix",
@@ -119,7 +124,7 @@ def main() -> None:
     )
     print(f"{'':62s}d/b = {d / b:5.1f}  (target ≥ 20)")
     print("endpoint metrics at every checkpoint")
-    subset = _subset(run, naive, args.work / "subset")
+    subset = _subset(naive, args.work / "subset")
     c = _row("(c) opd_lens endpoint='all'", lambda: _opd_lens(args.work / "c", subset, origin, warm, "all"), n_ref)
     e = _row(
         "(e) naive pair script, re-factorises W_0", lambda: [_naive_pair(o, c, refs, settings) for c in naive], n_ref
@@ -127,7 +132,7 @@ def main() -> None:
     print(f"{'':62s}e/c = {e / c:5.1f}  (target ≥ 3)")
     print("once per run")
     label = "opd_lens: W_0's SVD and masks, cached in the store"
-    print(f"  {label:<58s} {first - b * len(ckpts):8.2f} s")
+    print(f"  {label:<58s} {first - b1 * len(ckpts):8.2f} s")
     if not args.skip_rss:
         small, large = (_peak_rss(args, layers) for layers in (max(1, args.layers // 2), args.layers))
         print(
@@ -165,14 +170,33 @@ def _timed(fn) -> float:
 
 def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str) -> None:
     """An opd_lens compute into a fresh store that starts with W_0's factors cached (copied from ``warm``)."""
-    shutil.rmtree(store, ignore_errors=True)
-    opd_lens.open_store(store)
-    shutil.copytree(warm / "cache" / "origin", store / "cache" / "origin", dirs_exist_ok=True)
+    _fresh(store, warm)
     opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, progress=False)
 
 
-def _subset(run: Path, ckpts, out: Path) -> Path:
-    """A run directory holding links to some checkpoints of ``run``."""
+def _series(store: Path, ckpts, origin: Path, warm: Path) -> float:
+    """Seconds per checkpoint of a series grown one checkpoint at a time: link it into the run, ``Store.compute``
+    (trajectory metrics, and every stored step's lock_alignment against the new last one)."""
+    s = _fresh(store, warm)
+    run = _subset(ckpts[:1], store.parent / f"{store.name}-run")
+    s.add_run("r", run, origin=origin)
+    seconds = _timed(lambda: s.compute(endpoint="none", progress=False))
+    for c in ckpts[1:]:
+        (run / c.path.name).symlink_to(c.path.resolve(), target_is_directory=True)
+        seconds += _timed(lambda: s.compute(endpoint="none", progress=False))
+    return seconds / len(ckpts)
+
+
+def _fresh(store: Path, warm: Path):
+    """A new store holding W_0's factors (copied from ``warm``)."""
+    shutil.rmtree(store, ignore_errors=True)
+    s = opd_lens.open_store(store)
+    shutil.copytree(warm / "cache" / "origin", store / "cache" / "origin", dirs_exist_ok=True)
+    return s
+
+
+def _subset(ckpts, out: Path) -> Path:
+    """A run directory holding links to these checkpoints."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for c in ckpts:

@@ -612,3 +612,22 @@ def test_argument_checks():
     w = rand((10, 8), seed=21)
     with pytest.raises(ValueError):
         principal_angles(w, w, k=6, factors0=svd64(w, 3))
+
+
+@pytest.mark.parametrize("n", [8, 200], ids=["exact-path", "krylov-path"])
+def test_finite_pair_whose_float32_update_overflows(n):
+    """Two finite bf16 matrices whose difference exceeds float32 (±3e38 entries): ‖ΔW‖_F is still the exact
+    float64 norm; ΔW rounded to float32 holds ±inf where the Krylov path is taken, so its spectra are NaN there (the
+    pass finds no NaN, the spectrum still scans ΔW) and exact in float64 below the Krylov size."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(n, n, generator=gen).to(torch.bfloat16)
+    wt = w0.clone()
+    w0[0, 0], wt[0, 0] = -3.0e38, 3.0e38
+    d = matrix_diagnostics(w0, wt, Settings(angle_k=4, mask_rank=2), endpoint=False)
+    exact = float((wt.double() - w0.double()).norm())
+    assert d.update_fro == pytest.approx(exact, rel=1e-12) and exact > torch.finfo(torch.float32).max
+    assert d.unchanged_frac == pytest.approx(1 - 1 / n**2)
+    if n == 200:
+        assert math.isnan(d.stable_rank) and torch.isnan(d.lock_basis).all()
+    else:
+        assert d.stable_rank == pytest.approx(1.0, rel=1e-9)

@@ -63,17 +63,19 @@ def top_spectrum(
     max_dim: int | None = None,
     seed: int = 0,
     exact: bool = False,
+    check_finite: bool = True,
 ) -> TopSpectrum:
     """Top-``k`` singular values and right singular vectors of the m×n matrix ``a`` (k is capped at min(m, n)).
 
     ``start`` (n×j, j < ``block``) seeds the first block, e.g. with the previous checkpoint's V_K; the rest of the
     block is Gaussian from ``seed``, so results are deterministic. The basis grows by ``block`` columns per
     iteration up to ``max_dim`` (default :func:`krylov_budget`), past which the float64 Gram route finishes the
-    job. ``exact=True`` takes the full float64 SVD instead. A matrix with a non-finite entry gives NaN.
+    job. ``exact=True`` takes the full float64 SVD instead. A matrix with a non-finite entry gives NaN;
+    ``check_finite=False`` skips that scan of ``a`` (as in SciPy) where the caller knows it is finite.
     """
     m, n = a.shape
     k = min(k, m, n)
-    if not all_finite(a):
+    if check_finite and not all_finite(a):
         nan = torch.full((n, k), math.nan, dtype=torch.float64, device=a.device)
         return TopSpectrum(nan[0], nan, 0, math.nan)
     if not krylov_applies((m, n), exact, block):

@@ -17,7 +17,7 @@ from .krylov import TopSpectrum, krylov_applies, top_spectrum
 from .linalg import Factors, gram_svd, svd64
 from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask
 from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift
-from .support import ETA, update_pass
+from .support import ETA, UpdatePass, update_pass
 from .trajectory import HILL_K, LOCK_K, hill_alpha, stable_rank
 
 __all__ = [
@@ -138,14 +138,21 @@ def matrix_diagnostics(
 
     ``origin`` reuses :func:`origin_factors` of ``w0``; ``endpoint=False`` skips the SVD of W_t, leaving the
     angles and the spectral shift NaN; ``factors_t`` passes an SVD of W_t already computed (with at least
-    ``angle_k`` vectors and the full spectrum).
+    ``angle_k`` vectors and the full spectrum). A pair holding NaN or Inf gives :func:`nonfinite_diagnostics`,
+    found by the update pass itself (its ‖ΔW‖_F is then not finite), with no separate scan of either matrix.
     """
     if w0.shape != wt.shape or w0.ndim != 2:
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
     o = origin if origin is not None else origin_factors(w0, settings)
     fast = krylov_applies(w0.shape, settings.exact)
-    delta, fro, changed, n_changed = update_pass(w0, wt, settings.eta, torch.float32 if fast else torch.float64)
-    top = top_spectrum(delta, max(settings.lock_k, settings.hill_k), exact=settings.exact)
+    p = update_pass(w0, wt, settings.eta, torch.float32 if fast else torch.float64)
+    if not math.isfinite(p.fro):
+        return _nonfinite(p, tuple(w0.shape), settings, o)
+    delta, fro, changed, n_changed = p
+    del p
+    # Every entry is at most ‖ΔW‖_F, so ΔW rounded to its dtype can only overflow when that norm exceeds the dtype.
+    overflow = fro >= torch.finfo(delta.dtype).max
+    top = top_spectrum(delta, max(settings.lock_k, settings.hill_k), exact=settings.exact, check_finite=overflow)
     del delta  # before the SVD of W_t: the largest allocations never coexist
     ft = None
     if endpoint:
@@ -197,8 +204,14 @@ def nonfinite_diagnostics(
     """The diagnostics of a pair holding NaN or Inf, without the SVDs they break: the unchanged fraction follows
     the rules of :func:`~opd_lens.diagnostics.update_mask` for such entries; ‖ΔW‖_F, the spectra, V_K, the angles
     and the spectral shift are NaN, and so are the mask overlaps when W_0 is the one (its masks need its SVD)."""
-    _, fro, changed, n_changed = update_pass(w0, wt, settings.eta)
-    m, n = w0.shape
+    return _nonfinite(update_pass(w0, wt, settings.eta), tuple(w0.shape), settings, origin)
+
+
+def _nonfinite(
+    p: UpdatePass, shape: tuple[int, int], settings: Settings, origin: OriginFactors | None
+) -> MatrixDiagnostics:
+    _, fro, changed, n_changed = p
+    m, n = shape
     k = min(settings.lock_k, m, n)
     nan = float("nan")
     overlap = (lambda mask: bits.count_and(mask, changed) / n_changed if n_changed else nan) if origin else None

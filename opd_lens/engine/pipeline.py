@@ -102,9 +102,8 @@ def _diagnose(
     nonfinite = None
     if factors is None:
         nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
-    elif not all(all_finite(t) for t in (lora or (wt,))):
-        where = ckpt.tensors[ref.tensor].file if lora is None else ckpt.path
-        nonfinite = False, f"{'tensor' if lora is None else 'the LoRA factors of'} {ref.tensor!r} in {where}"
+    elif lora is not None and not all(all_finite(t) for t in lora):
+        nonfinite = False, f"the LoRA factors of {ref.tensor!r} in {ckpt.path}"
     d: MatrixDiagnostics
     if nonfinite is not None:
         d = nonfinite_diagnostics(w0, wt if lora is None else lora_weight(w0, *lora), settings, factors)
@@ -112,6 +111,8 @@ def _diagnose(
         d = lora_diagnostics(w0, *lora, settings, factors, endpoint=endpoint)
     else:
         d = matrix_diagnostics(w0, wt, settings, factors, endpoint=endpoint)
+        if math.isnan(d.update_fro):  # W_0 is finite (it has factors), so W_t holds the NaN or Inf
+            nonfinite = False, f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
     basis = d.lock_basis if d.update_fro > 0 else torch.full_like(d.lock_basis, math.nan)
     return MatrixResult(
         scalars={name: getattr(d, name) for name in STEP_SCALARS},
