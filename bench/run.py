@@ -13,10 +13,12 @@ per checkpoint, trajectory metrics (what grows with the number of checkpoints)
     (b) opd_lens, default settings, no endpoint metrics (W_0's factors already cached), checkpoints added to a
         store one at a time as a series or ``opd-lens watch`` adds them (``Store.compute`` after each);
     (b₁) the same as one ``opd_lens.compute`` call into a fresh store (creating its arrays, returning the Dataset);
-    (d) naive: a full float64 SVD of ΔW per matrix (stable rank, Hill α, V_16) plus the elementwise metrics;
+    (d) naive (numpy, ``bench/naive.py``): a full float64 SVD of ΔW per matrix (stable rank, Hill α, V_16) plus the
+        elementwise metrics;
 endpoint metrics at every checkpoint
     (c) opd_lens ``endpoint="all"`` (W_0's factors already cached);
-    (e) naive pair script called per checkpoint: full float64 SVDs of W_0, W_t and ΔW, masks, angles, shift;
+    (e) the naive numpy pair script called per checkpoint: full float64 SVDs of W_0, W_t and ΔW, masks, angles,
+        shift;
 and the peak RSS of a whole compute (``endpoint="last"``) over 4 vs 8 layers, each in a fresh process.
 Targets of issue 17 on a 2-core CPU: b/a ≤ 5 on the planted and power-law spectra, ≤ 15 on the bulk; f/a ≤ 1.5;
 d/b ≥ 20; e/c ≥ 3; RSS growth < 15%.
@@ -34,21 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+import naive as naive_script
 import torch
 
 import opd_lens
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
-from opd_lens.diagnostics import (
-    Factors,
-    Settings,
-    bits,
-    hill_alpha,
-    lowmag_mask,
-    origin_factors,
-    principal_mask,
-    stable_rank,
-    update_mask,
-)
+from opd_lens.diagnostics import Settings, bits, origin_factors
 from opd_lens.diagnostics.support import update_pass
 from opd_lens.synthetic import SPECTRA, qwen3_config, write_planted_run
 
@@ -119,7 +112,7 @@ def main() -> None:
     naive = ckpts[:n_ref]
     d = _row(
         "(d) naive: full float64 SVD of ΔW per matrix",
-        lambda: [_naive_trajectory(o, c, refs, settings) for c in naive],
+        lambda: [_naive(naive_script.trajectory, o, c, refs, settings) for c in naive],
         n_ref,
     )
     print(f"{'':62s}d/b = {d / b:5.1f}  (target ≥ 20)")
@@ -127,7 +120,9 @@ def main() -> None:
     subset = _subset(naive, args.work / "subset")
     c = _row("(c) opd_lens endpoint='all'", lambda: _opd_lens(args.work / "c", subset, origin, warm, "all"), n_ref)
     e = _row(
-        "(e) naive pair script, re-factorises W_0", lambda: [_naive_pair(o, c, refs, settings) for c in naive], n_ref
+        "(e) naive pair script, re-factorises W_0",
+        lambda: [_naive(naive_script.pair, o, c, refs, settings) for c in naive],
+        n_ref,
     )
     print(f"{'':62s}e/c = {e / c:5.1f}  (target ≥ 3)")
     print("once per run")
@@ -168,22 +163,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str) -> None:
+def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str, device: str = "auto") -> None:
     """An opd_lens compute into a fresh store that starts with W_0's factors cached (copied from ``warm``)."""
     _fresh(store, warm)
-    opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, progress=False)
+    opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, device=device, progress=False)
 
 
-def _series(store: Path, ckpts, origin: Path, warm: Path) -> float:
+def _series(store: Path, ckpts, origin: Path, warm: Path, device: str = "auto") -> float:
     """Seconds per checkpoint of a series grown one checkpoint at a time: link it into the run, ``Store.compute``
     (trajectory metrics, and every stored step's lock_alignment against the new last one)."""
     s = _fresh(store, warm)
     run = _subset(ckpts[:1], store.parent / f"{store.name}-run")
     s.add_run("r", run, origin=origin)
-    seconds = _timed(lambda: s.compute(endpoint="none", progress=False))
+    seconds = _timed(lambda: s.compute(endpoint="none", device=device, progress=False))
     for c in ckpts[1:]:
         (run / c.path.name).symlink_to(c.path.resolve(), target_is_directory=True)
-        seconds += _timed(lambda: s.compute(endpoint="none", progress=False))
+        seconds += _timed(lambda: s.compute(endpoint="none", device=device, progress=False))
     return seconds / len(ckpts)
 
 
@@ -221,48 +216,9 @@ def _non_spectral(o, c, refs, origins, s: Settings) -> list:
     return out
 
 
-def _naive_trajectory(o, c, refs, s: Settings) -> list:
-    """Trajectory metrics the plain way: a full float64 SVD of ΔW per matrix."""
-    out = []
-    for r in refs:
-        w0, wt = o.read_matrix(r), c.read_matrix(r)
-        dw = wt.double() - w0.double()
-        _, sv, vh = torch.linalg.svd(dw, full_matrices=False)
-        upd = update_mask(w0, wt, s.eta)
-        out.append(
-            (float(upd.float().mean()), float(dw.norm()), float(stable_rank(sv)), float(hill_alpha(sv, s.hill_k)))
-        )
-        out.append(vh[: s.lock_k])
-    return out
-
-
-def _naive_pair(o, c, refs, s: Settings) -> list:
-    """Everything for one (W_0, W_t) pair, the way a one-off script called per checkpoint computes it."""
-    out = []
-    for r in refs:
-        w0, wt = o.read_matrix(r), c.read_matrix(r)
-        u0, s0, vh0 = torch.linalg.svd(w0.double(), full_matrices=False)
-        ut, st, vht = torch.linalg.svd(wt.double(), full_matrices=False)
-        dw = wt.double() - w0.double()
-        sd = torch.linalg.svdvals(dw)
-        k = min(s.angle_k, *w0.shape)
-        cos_u = torch.linalg.svdvals(u0[:, :k].T @ ut[:, :k]).clamp(max=1)
-        cos_v = torch.linalg.svdvals(vh0[:k] @ vht[:k].T).clamp(max=1)
-        upd = update_mask(w0, wt, s.eta)
-        princ = principal_mask(w0, s.mask_rank, s.mask_alpha, Factors(u0, s0, vh0))
-        low = lowmag_mask(w0, s.mask_alpha)
-        out.append(
-            (
-                float(torch.rad2deg(torch.arccos(cos_u)).max()),
-                float(torch.rad2deg(torch.arccos(cos_v)).max()),
-                float((st - s0).norm() / s0.norm()),
-                float((princ & upd).sum() / upd.sum()),
-                float((low & upd).sum() / upd.sum()),
-                float(stable_rank(sd)),
-                float(hill_alpha(sd, s.hill_k)),
-            )
-        )
-    return out
+def _naive(fn, o, c, refs, s: Settings) -> list:
+    """A plain numpy script (``bench/naive.py``) over every matrix of one checkpoint, reading as opd_lens does."""
+    return [fn(o.read_matrix(r).float().numpy(), c.read_matrix(r).float().numpy(), s) for r in refs]
 
 
 def _peak_rss(args, layers: int) -> float:

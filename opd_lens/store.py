@@ -165,10 +165,8 @@ class Store:
                 raise StoreError(f"{self.path}: run {name!r} is already registered as {_describe(known)}")
             return
         with self.writer():
-            self._ensure_arrays(shapes)
-            r = self._append_coord("run", name)
-            layers = self._coord_index("layer")
-            modules = self._coord_index("module")
+            slots = self._ensure_arrays(name, shapes)
+            r, layers, modules = slots["run"][name], slots["layer"], slots["module"]
             numel = self._group["numel"]
             block = np.zeros(numel.shape[1:], dtype=np.int64)
             for (layer, module), shape in shapes.items():
@@ -394,40 +392,57 @@ class Store:
     def _update_runs(self, changes: Mapping[str, dict]) -> None:
         self._group.attrs["runs"] = {**self.runs, **changes}
 
-    def _coord_index(self, dim: str) -> dict:
-        """Value -> slot of the assigned slots of coordinate ``dim``."""
-        values = self._group[dim][:]
+    def _coord_index(self, dim: str, values: np.ndarray | None = None) -> dict:
+        """Value -> slot of the assigned slots of coordinate ``dim`` (``values``: that array, if already read)."""
+        values = self._group[dim][:] if values is None else values
         cast = int if dim == "layer" else str
         return {cast(v): i for i, v in enumerate(values) if v != _UNSET[dim]}
 
-    def _append_coord(self, dim: str, value) -> int:
-        """The slot of ``value`` in coordinate ``dim``, assigning a free slot (or a new one) if it has none."""
-        if (i := self._coord_index(dim).get(value)) is not None:
-            return i
-        free = np.flatnonzero(self._group[dim][:] == _UNSET[dim])  # grown by a writer killed before naming it
-        i = int(free[0]) if free.size else self._group[dim].shape[0]
-        if not free.size:
-            self._grow({dim: i + 1})
-        self._group[dim][i] = value
-        return i
-
-    def _ensure_arrays(self, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> None:
-        """Create missing arrays and grow the (layer, module, angle_index) grid to hold the matrices ``shapes``;
-        idempotent, so a writer killed half-way is completed by the next."""
+    def _ensure_arrays(self, run: str, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> dict[str, dict]:
+        """Create missing arrays and give ``run`` and the layers and modules of its matrices ``shapes`` a slot each,
+        growing the grid (and ``angle_index``) in one step; idempotent, so a writer killed half-way is completed by
+        the next. Returns dim -> {value: slot} for those values."""
         k = min(self.settings.angle_k, max(min(shape) for shape in shapes.values()))
-        layers = sorted({layer for layer, _ in shapes})
-        modules = sorted({module for _, module in shapes}, key=natural_key)
-        for name, spec in _array_specs(len(layers), len(modules), k).items():
+        wanted = {
+            "run": [run],
+            "layer": sorted({layer for layer, _ in shapes}),
+            "module": sorted({module for _, module in shapes}, key=natural_key),
+        }
+        for name, spec in _array_specs(len(wanted["layer"]), len(wanted["module"]), k).items():
             if name not in self._group:
                 dims = spec.pop("dims")
                 self._group.create_array(name, shape=(0,) * len(dims), dimension_names=list(dims), **spec)
-        for value in layers:
-            self._append_coord("layer", value)
-        for value in modules:
-            self._append_coord("module", value)
+        slots, new, sizes = {}, {}, {}
+        for dim, values in wanted.items():
+            slots[dim], new[dim], size = self._slots(dim, values)
+            if size > self._group[dim].shape[0]:
+                sizes[dim] = size
         if k > self._group["angle_index"].shape[0]:
-            self._grow({"angle_index": k})
+            sizes["angle_index"] = k
+        if sizes:
+            self._grow(sizes)
+        for dim, assigned in new.items():
+            for value, i in assigned.items():
+                self._group[dim][i] = value
         self._group["angle_index"][:] = np.arange(self._group["angle_index"].shape[0])
+        return slots
+
+    def _slots(self, dim: str, values) -> tuple[dict, dict, int]:
+        """Slots of ``values`` in coordinate ``dim``: (all of them, the newly assigned ones, the size they need).
+        New values take free slots first (grown by a writer killed before naming them), then slots past the end."""
+        current = self._group[dim][:]
+        index = self._coord_index(dim, current)
+        free = iter(np.flatnonzero(current == _UNSET[dim]).tolist())
+        size = current.shape[0]
+        slots, new = {}, {}
+        for value in values:
+            if value not in index:
+                i = next(free, None)
+                if i is None:
+                    i, size = size, size + 1
+                index[value] = new[value] = i
+            slots[value] = index[value]
+        return slots, new, size
 
     def _grow(self, sizes: Mapping[str, int]) -> None:
         marker = self.path / _GROW

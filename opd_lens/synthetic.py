@@ -15,7 +15,7 @@ import torch
 
 from .checkpoints import checkpoint_path, save_checkpoint
 
-__all__ = ["SPECTRA", "qwen3_config", "qwen3_shapes", "write_planted_run"]
+__all__ = ["SPECTRA", "qwen3_config", "qwen3_shapes", "update_direction", "write_planted_run"]
 
 SPECTRA = {
     "bulk": "a rank-r channel B A plus a sparse Gaussian S of equal rms: σ_(r+1)… sit at the edge of a "
@@ -87,7 +87,7 @@ def write_planted_run(
     out = Path(out)
     gen = torch.Generator().manual_seed(seed)
     origin = {name: _init(shape, gen) for name, shape in qwen3_shapes(config).items()}
-    delta = {name: _direction(w, spectrum, rank, density, gen) for name, w in origin.items() if w.ndim == 2}
+    delta = {name: update_direction(w, spectrum, rank, density, gen) for name, w in origin.items() if w.ndim == 2}
     origin_dir = save_checkpoint(out / "origin", _cast(origin, dtype), config=config)
     run_dir = out / "run"
     last = max(steps)
@@ -104,7 +104,8 @@ def _init(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen) / shape[1] ** 0.5
 
 
-def _direction(w: torch.Tensor, spectrum: str, rank: int, density: float, gen: torch.Generator) -> torch.Tensor:
+def update_direction(w: torch.Tensor, spectrum: str, rank: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """rms(W_0)·D, the planted direction of one m×n matrix W_0 (see :func:`write_planted_run` and ``SPECTRA``)."""
     m, n = w.shape
     rms = w.pow(2).mean().sqrt()
     if spectrum == "powerlaw":

@@ -323,16 +323,15 @@ def append_run():  # the second add_run, after appending its run coordinate, bef
     st.Store._update_runs = update_runs
 
 
-def append_layer():  # the first add_run, after growing the layer coordinate, before writing the new layer
-    orig = st.Store._append_coord
+def append_layer():  # the first add_run, after growing the grid, before naming its layers and modules
+    orig = st.Store._grow
 
-    def append_coord(self, dim, value):
-        if dim == "layer" and value == 1:
-            self._grow({dim: self._group[dim].shape[0] + 1})
+    def grow(self, sizes):
+        orig(self, sizes)
+        if "layer" in sizes:
             die()
-        return orig(self, dim, value)
 
-    st.Store._append_coord = append_coord
+    st.Store._grow = grow
 
 
 def grow_run():  # the third add_run, after resizing half of the arrays along "run"
