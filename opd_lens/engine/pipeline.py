@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,9 @@ __all__ = ["GROUP_BYTES", "READ_AHEAD_BYTES", "StepError", "StepOutcome", "run_l
 
 GROUP_BYTES = 2**28
 """Results (V_K bases and angle profiles) a group of checkpoints may hold before its steps are written: 256 MiB."""
+SIDE_BY_SIDE_NUMEL = 2**22
+"""On the CPU, matrices of up to this many entries (4 Mi: 2048×2048, 4096×1024) are computed side by side, one per
+intra-op thread: their LAPACK calls and selections (``eigh``, ``kthvalue``) keep a single core busy at these sizes."""
 READ_AHEAD_BYTES = 2**26
 """Weights the reader may hold ahead of the compute: 64 MiB, so reading overlaps computing for the many small
 matrices where it matters, and the largest matrices (whose compute dwarfs their read) add no memory."""
@@ -251,18 +256,16 @@ def run_local(
                         )
                     )
             inner = tqdm(matrices, desc=f"step {group[0].ckpt.step}", unit="matrix", leave=False, disable=not progress)
-            with closing(iter(ReadAhead(jobs))) as reads:
+            with closing(iter(ReadAhead(jobs))) as reads, SideBySide(dev) as side:
                 for ref, tasks in inner:
                     w0 = next(reads)
                     updates = {i: next(reads) for i in tasks}
                     live = {i: t for i, t in tasks.items() if i not in failed}
-                    if not live:
-                        continue
-                    for i, res in _matrix(plan.origin, ref, w0, updates, live, cache, settings, dev).items():
-                        if isinstance(res, StepError):
-                            failed[i] = res
-                        else:
-                            results[i].append(res)
+                    if live:
+                        compute = partial(_matrix, plan.origin, ref, w0, updates, live, cache, settings, dev)
+                        side.submit(compute, math.prod(ref.shape))
+                    _collect(side.done(), failed, results)
+                _collect(side.done(wait=True), failed, results)
             inner.close()
             # the matrices read for the steps computed: each one's own, and W_0 of every matrix that one of them has
             done = [task for i, task in enumerate(group) if i not in failed]
@@ -272,6 +275,54 @@ def run_local(
             bar.update(len(group))
     finally:
         bar.close()
+
+
+def _collect(outcomes, failed: dict, results: list) -> None:
+    """File each matrix's outcomes (task index -> MatrixResult or StepError), in matrix order."""
+    for outcome in outcomes:
+        for i, res in outcome.items():
+            if isinstance(res, StepError):
+                failed[i] = res
+            else:
+                results[i].append(res)
+
+
+class SideBySide:
+    """Runs the compute of small matrices on a CPU side by side, one per intra-op thread (see
+    :data:`SIDE_BY_SIDE_NUMEL`), and everything else in the calling thread; :meth:`done` gives the outcomes in
+    the order of submission. At most one matrix per thread is in flight, so memory stays that of a few matrices."""
+
+    def __init__(self, device: torch.device):
+        self._workers = torch.get_num_threads() if device.type == "cpu" else 1
+        self._pool = (
+            ThreadPoolExecutor(self._workers, "opd-lens-compute", initializer=torch.set_num_threads, initargs=(1,))
+            if self._workers > 1
+            else None
+        )
+        self._pending: deque = deque()
+
+    def __enter__(self) -> SideBySide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, compute: Callable[[], Any], numel: int) -> None:
+        if self._pool is not None and numel <= SIDE_BY_SIDE_NUMEL:
+            self._pending.append(self._pool.submit(compute))
+            return
+        futures.wait(self._pending)  # a large matrix has every core to itself
+        done: futures.Future = futures.Future()
+        done.set_result(compute())
+        self._pending.append(done)
+
+    def done(self, wait: bool = False) -> list:
+        """The outcomes ready in order (all of them with ``wait``, or while a thread would be left without work)."""
+        out = []
+        while self._pending and (wait or len(self._pending) >= self._workers or self._pending[0].done()):
+            out.append(self._pending.popleft().result())
+        return out
 
 
 def _read_origin(origin: Checkpoint, ref: MatrixRef, tasks: dict[int, StepTask], failed: dict) -> torch.Tensor | None:
