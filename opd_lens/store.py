@@ -128,6 +128,9 @@ class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._locked = False
+        self._held: dict[str, object] = {}
+        """What the writer holding the lock has read (the registry as JSON, coordinate indices): no other process
+        changes them meanwhile, so each is read once per :meth:`writer` session."""
         self._bases: dict[Path, dict[str, torch.Tensor]] = {}
         self.data_path = self.path / _DATA
         """The zarr group; ``xr.open_zarr(store.data_path)`` shows the raw arrays (uncommitted slots included)."""
@@ -151,7 +154,12 @@ class Store:
     @property
     def runs(self) -> dict[str, dict]:
         """The registered runs: name -> run_dir, origin, method, include_globals, fingerprints."""
-        return dict(zarr.open_group(self.data_path, mode="r").attrs["runs"])
+        if (held := self._held.get("runs")) is not None:
+            return json.loads(held)
+        runs = dict(zarr.open_group(self.data_path, mode="r").attrs["runs"])
+        if self._locked:
+            self._held["runs"] = json.dumps(runs)
+        return runs
 
     def register_run(self, name: str, spec: Mapping, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> None:
         """Register run ``name`` (``spec``: run_dir, origin, method, include_globals, origin_fingerprint) with its
@@ -280,6 +288,7 @@ class Store:
             raise StoreError(f"{self.path}: cannot write the store: {_why(e)}") from None
         finally:
             self._locked = False
+            self._held.clear()
             (self.path / _LOCK).unlink(missing_ok=True)
 
     def run_index(self, name: str) -> int:
@@ -356,6 +365,8 @@ class Store:
         """Record computed checkpoints of run ``name`` in the registry: step -> its entry (``path``,
         ``fingerprint``, ``endpoint``, ``lock_ref``), replacing what was recorded; an entry ``None`` unrecords the
         step (before it is rewritten, so that a compute killed mid-write recomputes it). One write for all."""
+        if not entries:
+            return
         run = self.runs[name]
         checkpoints = dict(run["checkpoints"])
         for step, entry in entries.items():
@@ -377,26 +388,37 @@ class Store:
         r = self.run_index(name)
         slots = self.step_slots(values)
         lo, hi = min(slots.values()), max(slots.values()) + 1
-        lock = self._group["lock_alignment"][r, lo:hi]
         ref = self._group["lock_ref"][r, lo:hi]
         for step, v in values.items():
-            i = slots[step] - lo
-            ref[i] = -1 if v is None else ref_step
-            if v is not None:
-                lock[i] = v
-        self._group["lock_alignment"][r, lo:hi] = lock
+            ref[slots[step] - lo] = -1 if v is None else ref_step
+        if any(v is not None for v in values.values()):
+            lock = self._group["lock_alignment"][r, lo:hi]
+            for step, v in values.items():
+                if v is not None:
+                    lock[slots[step] - lo] = v
+            self._group["lock_alignment"][r, lo:hi] = lock
         self._group["lock_ref"][r, lo:hi] = ref
 
     # --- internals ----------------------------------------------------------------------------------------------
 
     def _update_runs(self, changes: Mapping[str, dict]) -> None:
-        self._group.attrs["runs"] = {**self.runs, **changes}
+        runs = {**self.runs, **changes}
+        self._held.pop("runs", None)  # a failed write must not leave a registry that the store does not hold
+        self._group.attrs["runs"] = runs
+        if self._locked:
+            self._held["runs"] = json.dumps(runs)
 
     def _coord_index(self, dim: str, values: np.ndarray | None = None) -> dict:
         """Value -> slot of the assigned slots of coordinate ``dim`` (``values``: that array, if already read)."""
-        values = self._group[dim][:] if values is None else values
+        if values is None and (held := self._held.get(dim)) is not None:
+            return dict(held)
+        read = values is None
+        values = self._group[dim][:] if read else values
         cast = int if dim == "layer" else str
-        return {cast(v): i for i, v in enumerate(values) if v != _UNSET[dim]}
+        index = {cast(v): i for i, v in enumerate(values) if v != _UNSET[dim]}
+        if read and self._locked:
+            self._held[dim] = dict(index)
+        return index
 
     def _ensure_arrays(self, run: str, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> dict[str, dict]:
         """Create missing arrays and give ``run`` and the layers and modules of its matrices ``shapes`` a slot each,
@@ -422,6 +444,7 @@ class Store:
         if sizes:
             self._grow(sizes)
         for dim, assigned in new.items():
+            self._held.pop(dim, None)
             for value, i in assigned.items():
                 self._group[dim][i] = value
         self._group["angle_index"][:] = np.arange(self._group["angle_index"].shape[0])
@@ -458,6 +481,7 @@ class Store:
             dims = arr.metadata.dimension_names or ()
             shape = tuple(max(sizes.get(d, n), n) for d, n in zip(dims, arr.shape, strict=True))
             if shape != arr.shape:
+                self._held.pop(arr.basename, None)
                 arr.resize(shape)
         marker.unlink()
 
@@ -527,8 +551,15 @@ class LockBases:
         """Sim_K of V_K(``step``) to the bases ``anchor`` (matrix key -> V_K), for every matrix both hold with one
         shape (LoRA steps of other ranks share no K)."""
         bases = self.load(step)
-        keys = [k for k, b in bases.items() if k in anchor and anchor[k].shape == b.shape]
-        return {k: float(sim_k(bases[k], anchor[k])) for k in keys}
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for k, b in bases.items():
+            if k in anchor and anchor[k].shape == b.shape:
+                by_shape.setdefault(tuple(b.shape), []).append(k)
+        out = {}
+        for keys in by_shape.values():  # one batched Sim_K per shape: a few calls per step, not one per matrix
+            sims = sim_k(torch.stack([bases[k] for k in keys]), torch.stack([anchor[k] for k in keys]))
+            out.update(zip(keys, sims.tolist(), strict=True))
+        return out
 
 
 BASES_MEMO_BYTES = 2**28

@@ -11,12 +11,14 @@ import math
 from fractions import Fraction
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from opd_lens.diagnostics import (
+    bits,
     hill_alpha,
     lowmag_mask,
     mask_overlap,
@@ -28,6 +30,7 @@ from opd_lens.diagnostics import (
     svd64,
     unchanged_fraction,
     update_mask,
+    update_pass,
 )
 
 FAST = settings(max_examples=60, deadline=None)
@@ -111,6 +114,34 @@ def test_update_mask_general_branch_is_the_literal_eta_test(pair, eta):
     a, b = as_bf16(pair[0]), as_bf16(pair[1])
     expected = literal_eta_oracle(a.double().numpy(), b.double().numpy(), eta)
     np.testing.assert_array_equal(update_mask(a, b, eta).numpy(), expected)
+
+
+@MORE
+@given(bit_pairs(), st.sampled_from([torch.float32, torch.float64]))
+def test_update_pass_on_bf16_bit_patterns_against_float64(pair, dtype):
+    """One pass gives M_upd exactly, ΔW as the exact difference rounded once to ``dtype`` and ‖ΔW‖_F within 2⁻²⁴
+    relative of the float64 norm of the exact difference (exactly it on the float64 route). The bit patterns
+    include NaN, ±inf, ±0, subnormals and pairs whose float32 difference overflows or rounds."""
+    a, b = as_bf16(pair[0]), as_bf16(pair[1])
+    av, bv = a.double().numpy(), b.double().numpy()
+    p = update_pass(a, b, dtype=dtype)
+    np.testing.assert_array_equal(bits.unpack(p.changed, av.shape), update_mask(a, b).numpy())
+    assert p.n_changed == int(update_mask(a, b).sum())
+    with np.errstate(invalid="ignore", over="ignore"):
+        exact = bv - av  # the difference rounded once to float64 (2⁻⁵³ relative)
+        fro = float(np.sqrt(np.sum(exact * exact)))
+    if not np.isfinite(exact).all():
+        assert not math.isfinite(p.fro)
+        return
+    got = p.delta.double().numpy()
+    if dtype == torch.float64:
+        np.testing.assert_array_equal(got, exact)
+        assert p.fro == pytest.approx(fro, rel=1e-15)
+    else:
+        finite = np.abs(exact) <= np.finfo(np.float32).max  # beyond it the float32 difference is ±inf
+        np.testing.assert_allclose(got[finite], exact[finite], rtol=2.0**-24 + 2.0**-52, atol=0.0)
+        assert np.array_equal(got[~finite], np.sign(exact[~finite]) * np.inf)
+        assert p.fro == pytest.approx(fro, rel=2.0**-24 + 1e-14)
 
 
 fp32_elements = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)

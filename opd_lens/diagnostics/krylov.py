@@ -33,7 +33,7 @@ import torch
 
 from .linalg import all_finite, svd64
 
-__all__ = ["KRYLOV_TOL", "TopSpectrum", "krylov_applies", "krylov_budget", "top_spectrum"]
+__all__ = ["KRYLOV_TOL", "TopSpectrum", "krylov_applies", "krylov_budget", "start_block", "top_spectrum"]
 
 KRYLOV_TOL = 2e-3
 """Default stopping tolerance of :func:`top_spectrum` (see the module docstring for what it bounds)."""
@@ -64,6 +64,7 @@ def top_spectrum(
     seed: int = 0,
     exact: bool = False,
     check_finite: bool = True,
+    sketch: torch.Tensor | None = None,
 ) -> TopSpectrum:
     """Top-``k`` singular values and right singular vectors of the m×n matrix ``a`` (k is capped at min(m, n)).
 
@@ -72,7 +73,11 @@ def top_spectrum(
     iteration up to ``max_dim`` (default :func:`krylov_budget`), past which the float64 Gram route finishes the
     job. ``exact=True`` takes the full float64 SVD instead. A matrix with a non-finite entry gives NaN;
     ``check_finite=False`` skips that scan of ``a`` (as in SciPy) where the caller knows it is finite.
+    ``sketch`` is ``a``·Ω for Ω = :func:`start_block` (same ``block`` and ``seed``, no ``start``), formed by the
+    caller while ``a`` was in cache (:func:`~opd_lens.diagnostics.update_pass`), which saves one pass over ``a``.
     """
+    if sketch is not None and start is not None:
+        raise ValueError("pass either a start basis or a sketch of the start block, not both")
     m, n = a.shape
     k = min(k, m, n)
     if check_finite and not all_finite(a):
@@ -82,7 +87,7 @@ def top_spectrum(
         f = svd64(a, k, left=False)
         return TopSpectrum(f.s[:k], f.vh.mT, min(m, n), min(m, n) * _F64)
     cap = min(krylov_budget(m, n, block) if max_dim is None else max(max_dim, k), m, n)
-    return _block_lanczos(a.to(torch.float32), k, start, block, tol, cap, seed) or _gram_top(a, k)
+    return _block_lanczos(a.to(torch.float32), k, start, block, tol, cap, seed, sketch) or _gram_top(a, k)
 
 
 def krylov_applies(shape: tuple[int, ...], exact: bool = False, block: int = 32) -> bool:
@@ -114,19 +119,36 @@ def krylov_budget(m: int, n: int, block: int = 32) -> int:
     return d
 
 
+def start_block(n: int, block: int = 32, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Ω (n×``block``, float32), the Gaussian start block of :func:`top_spectrum` for ``seed``."""
+    return _start(n, block, seed, torch.device(device))[0]
+
+
+def _start(n: int, block: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
+    """Ω and the generator that drew it (which then draws the replacement columns, so results are deterministic)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(n, block, generator=gen, dtype=torch.float32, device=device), gen
+
+
 def _block_lanczos(
-    a: torch.Tensor, k: int, start: torch.Tensor | None, block: int, tol: float, cap: int, seed: int
+    a: torch.Tensor,
+    k: int,
+    start: torch.Tensor | None,
+    block: int,
+    tol: float,
+    cap: int,
+    seed: int,
+    sketch: torch.Tensor | None,
 ) -> TopSpectrum | None:
     """Block Lanczos on aaᵀ (float32 ``a``); ``None`` when the basis reached ``cap`` before converging and ``cap`` is
     below min(m, n) (the caller then takes the Gram route)."""
     m, n = a.shape
     dev = a.device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    omega = torch.randn(n, block, generator=gen, dtype=torch.float32, device=dev)
+    omega, gen = _start(n, block, seed, dev)
     if start is not None:
         j = min(start.shape[1], block - 1)
         omega[:, :j] = start[:, :j].to(omega)
-    y = a @ omega
+    y = a @ omega if sketch is None else sketch
     f32 = {"dtype": torch.float32, "device": dev}
     basis, aat = torch.empty(m, cap, **f32), torch.empty(m, cap, **f32)  # U and ΔWΔWᵀU = ΔW·X
     x = torch.empty(n, cap, dtype=torch.float64, device=dev)  # X = ΔWᵀU

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import bits
-from .krylov import TopSpectrum, krylov_applies, top_spectrum
+from .krylov import TopSpectrum, krylov_applies, start_block, top_spectrum
 from .linalg import Factors, gram_svd, svd64
 from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask
 from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift
@@ -145,15 +145,17 @@ def matrix_diagnostics(
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
     o = origin if origin is not None else origin_factors(w0, settings)
     fast = krylov_applies(w0.shape, settings.exact)
-    p = update_pass(w0, wt, settings.eta, torch.float32 if fast else torch.float64)
+    probe = start_block(w0.shape[1], device=w0.device) if fast else None  # ΔW·Ω formed in the update pass
+    p = update_pass(w0, wt, settings.eta, torch.float32 if fast else torch.float64, probe)
     if not math.isfinite(p.fro):
         return _nonfinite(p, tuple(w0.shape), settings, o)
-    delta, fro, changed, n_changed = p
+    delta, fro, changed, n_changed, sketch = p
     del p
     # Every entry is at most ‖ΔW‖_F, so ΔW rounded to its dtype can only overflow when that norm exceeds the dtype.
     overflow = fro >= torch.finfo(delta.dtype).max
-    top = top_spectrum(delta, max(settings.lock_k, settings.hill_k), exact=settings.exact, check_finite=overflow)
-    del delta  # before the SVD of W_t: the largest allocations never coexist
+    k = max(settings.lock_k, settings.hill_k)
+    top = top_spectrum(delta, k, exact=settings.exact, check_finite=overflow, sketch=sketch)
+    del delta, sketch  # before the SVD of W_t: the largest allocations never coexist
     ft = None
     if endpoint:
         ft = factors_t if factors_t is not None else endpoint_factors(wt, settings)
@@ -210,7 +212,7 @@ def nonfinite_diagnostics(
 def _nonfinite(
     p: UpdatePass, shape: tuple[int, int], settings: Settings, origin: OriginFactors | None
 ) -> MatrixDiagnostics:
-    _, fro, changed, n_changed = p
+    _, fro, changed, n_changed, _ = p
     m, n = shape
     k = min(settings.lock_k, m, n)
     nan = float("nan")

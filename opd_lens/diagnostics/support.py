@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .bits import count, pack
@@ -78,34 +79,90 @@ class UpdatePass(NamedTuple):
     delta: torch.Tensor
     """ΔW = W_t − W_0: the exact difference rounded once to ``dtype`` (float32 by default)."""
     fro: float
-    """‖ΔW‖_F of the exact difference, accumulated in float64."""
+    """‖ΔW‖_F, accumulated in float64 (see :func:`update_pass` for what it is the norm of)."""
     changed: torch.Tensor
     """M_upd, packed (:mod:`~opd_lens.diagnostics.bits`, on the CPU)."""
     n_changed: int
     """|M_upd|."""
+    sketch: torch.Tensor | None = None
+    """ΔW·Ω for the ``probe`` Ω passed to :func:`update_pass` (``None`` without one)."""
 
 
-_PASS_BLOCK = 2**17
-"""Entries per block of :func:`update_pass`: its float64 scratch (1 MiB) stays in a core's cache."""
+_PASS_BLOCK = 2**16
+"""Entries per block of :func:`update_pass`: its scratch (float32 and float64, 768 KiB) stays in a core's cache."""
 
 
-def update_pass(w0: torch.Tensor, wt: torch.Tensor, eta: float = ETA, dtype: torch.dtype = torch.float32) -> UpdatePass:
-    """ΔW, ‖ΔW‖_F and M_upd of one matrix pair in a single pass, a block of rows at a time.
+def update_pass(
+    w0: torch.Tensor,
+    wt: torch.Tensor,
+    eta: float = ETA,
+    dtype: torch.dtype = torch.float32,
+    probe: torch.Tensor | None = None,
+) -> UpdatePass:
+    """ΔW, ‖ΔW‖_F and M_upd of one matrix pair in a single pass, a block of rows at a time, and ΔW·``probe`` (an
+    n×b matrix of ``dtype``, e.g. the start block of a Krylov method) from each block while it is in cache.
 
-    Each block's difference is formed exactly in float64 (both inputs are exact there), summed in squares there and
-    rounded once to ``dtype``. For bf16 inputs and η < 2⁻⁸ (the default) an entry changed iff its difference is
-    nonzero: distinct finite bf16 values always differ, and +0 − (−0) = 0, which is :func:`update_mask`'s rule
-    without rounding or comparing the operands again; other dtypes, or any NaN or Inf, take :func:`update_mask`.
+    For bf16 inputs, η < 2⁻⁸ (the default) and a float32 ``dtype`` (the fast path), each block's difference is
+    formed in float32, which rounds the exact difference once (IEEE subtraction of exact operands); it is exact
+    unless an entry's two values differ in binary exponent by more than 16, and ‖ΔW‖_F is its norm summed in
+    float64, within 2⁻²⁴ relative of the exact one. An entry changed iff its difference is nonzero: distinct
+    finite bf16 values always differ (by at least 2⁻¹³³, a float32 subnormal), and +0 − (−0) = 0, which is
+    :func:`update_mask`'s rule without comparing the operands again. Otherwise the difference is formed exactly in
+    float64 and summed in squares there, then rounded once to ``dtype``, and the mask is :func:`update_mask`'s.
+    A pair with a NaN or Inf entry, or whose float32 difference overflows, takes the float64 route too.
     """
     if w0.shape != wt.shape or w0.ndim != 2:
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
+    bitwise = w0.dtype == wt.dtype == torch.bfloat16 and eta < _BF16_MIN_RELATIVE_GAP
+    if bitwise and dtype == torch.float32:
+        delta, fro2, changed, sketch = _float32_pass(w0, wt, probe)
+        if math.isfinite(fro2):
+            bits = pack(changed)
+            return UpdatePass(delta, math.sqrt(fro2), bits, count(bits), sketch)
+        del delta, changed, sketch
+    p = _float64_pass(w0, wt, eta, dtype, bitwise)
+    return p if probe is None else p._replace(sketch=p.delta @ probe)
+
+
+def _blocks(w0: torch.Tensor, dtype: torch.dtype):
+    """ΔW and M_upd (allocated), the rows of one block and a flat scratch block of ``dtype`` (float64 counted
+    double, so that every scratch of a pass fits :data:`_PASS_BLOCK` entries' worth of cache)."""
     m, n = w0.shape
     delta = torch.empty((m, n), dtype=dtype, device=w0.device)
     changed = torch.empty((m, n), dtype=torch.bool, device=w0.device)
     rows = max(1, _PASS_BLOCK // max(1, n))
-    scratch = torch.empty(rows * n, dtype=torch.float64, device=w0.device)
+    return delta, changed, rows, torch.empty(rows * n, dtype=torch.float64, device=w0.device)
+
+
+def _float32_pass(w0: torch.Tensor, wt: torch.Tensor, probe: torch.Tensor | None):
+    m, n = w0.shape
+    delta, changed, rows, d64 = _blocks(w0, torch.float32)
+    sketch = None if probe is None else torch.empty(m, probe.shape[1], dtype=torch.float32, device=w0.device)
+    operand = torch.empty(rows * n, dtype=torch.float32, device=w0.device)
     fro2 = torch.zeros((), dtype=torch.float64, device=w0.device)
-    bitwise = w0.dtype == wt.dtype == torch.bfloat16 and eta < _BF16_MIN_RELATIVE_GAP
+    cpu = w0.device.type == "cpu"
+    for i in range(0, m, rows):
+        d, size = delta[i : i + rows], min(rows, m - i) * n
+        w = operand[:size].view_as(d)
+        d.copy_(wt[i : i + rows])
+        w.copy_(w0[i : i + rows])
+        d.sub_(w)  # float32 − float32: faster than a mixed bf16 operand
+        if cpu:  # numpy's comparison is 4× torch's here
+            np.not_equal(d.numpy(), 0, out=changed[i : i + rows].numpy())
+        else:
+            torch.ne(d, 0, out=changed[i : i + rows])
+        s = d64[:size]
+        s.copy_(d.view(-1))
+        fro2 += torch.dot(s, s)
+        if sketch is not None:
+            torch.mm(d, probe, out=sketch[i : i + rows])
+    return delta, float(fro2), changed, sketch
+
+
+def _float64_pass(w0, wt, eta: float, dtype: torch.dtype, bitwise: bool) -> UpdatePass:
+    m, n = w0.shape
+    delta, changed, rows, scratch = _blocks(w0, dtype)
+    fro2 = torch.zeros((), dtype=torch.float64, device=w0.device)
     for i in range(0, m, rows):
         d64 = scratch[: min(rows, m - i) * n].view(-1, n)
         d64.copy_(wt[i : i + rows])

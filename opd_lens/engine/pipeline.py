@@ -16,7 +16,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -294,19 +294,16 @@ class SideBySide:
 
     def __init__(self, device: torch.device):
         self._workers = torch.get_num_threads() if device.type == "cpu" else 1
-        self._pool = (
-            ThreadPoolExecutor(self._workers, "opd-lens-compute", initializer=torch.set_num_threads, initargs=(1,))
-            if self._workers > 1
-            else None
-        )
+        self._pool = _compute_pool(self._workers) if self._workers > 1 else None
         self._pending: deque = deque()
 
     def __enter__(self) -> SideBySide:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._pending:  # after an error: what has not started is not run
+            future.cancel()
+        futures.wait(self._pending)
 
     def submit(self, compute: Callable[[], Any], numel: int) -> None:
         if self._pool is not None and numel <= SIDE_BY_SIDE_NUMEL:
@@ -323,6 +320,12 @@ class SideBySide:
         while self._pending and (wait or len(self._pending) >= self._workers or self._pending[0].done()):
             out.append(self._pending.popleft().result())
         return out
+
+
+@cache
+def _compute_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of single-threaded compute workers, kept between computes (a series computes often)."""
+    return ThreadPoolExecutor(workers, "opd-lens-compute", initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _read_origin(origin: Checkpoint, ref: MatrixRef, tasks: dict[int, StepTask], failed: dict) -> torch.Tensor | None:
