@@ -422,8 +422,8 @@ class Store:
 
     def _ensure_arrays(self, run: str, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> dict[str, dict]:
         """Create missing arrays and give ``run`` and the layers and modules of its matrices ``shapes`` a slot each,
-        growing the grid (and ``angle_index``) in one step; idempotent, so a writer killed half-way is completed by
-        the next. Returns dim -> {value: slot} for those values."""
+        growing the grid (and ``angle_index``, and ``step`` to its first block of slots) in one step; idempotent, so a
+        writer killed half-way is completed by the next. Returns dim -> {value: slot} for those values."""
         k = min(self.settings.angle_k, max(min(shape) for shape in shapes.values()))
         wanted = {
             "run": [run],
@@ -441,6 +441,8 @@ class Store:
                 sizes[dim] = size
         if k > self._group["angle_index"].shape[0]:
             sizes["angle_index"] = k
+        if sizes and self._group["step"].shape[0] == 0:  # the first block of step slots in the same resize
+            sizes["step"] = _STEP_BLOCK
         if sizes:
             self._grow(sizes)
         for dim, assigned in new.items():
