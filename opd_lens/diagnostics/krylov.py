@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .linalg import all_finite, svd64
@@ -166,10 +167,12 @@ def _block_lanczos(
         d += b
         lam, w = torch.linalg.eigh(gram[:d, :d])
         lam, w = lam.flip(0).clamp(min=0.0), w.flip(1)
-        floor = noise * lam[0]
-        live = lam[:k] > noise * floor  # σ above the float32 error of ΔW v
+        # the stopping tests run on the few Ritz values as a NumPy array: scalar work, not a tensor op apiece
+        lam_np = lam.cpu().numpy()
+        floor = noise * lam_np[0]
+        n_live = int((lam_np[:k] > noise * floor).sum())  # σ above the float32 error of ΔW v
         if d >= min(m, n):  # the whole space: Rayleigh–Ritz is exact
-            return _ritz(lam, w, x[:, :d], k, live, gen, d, noise)
+            return _ritz(lam, w, x[:, :d], k, n_live, gen, d, noise)
         y = a @ xb.to(torch.float32)
         aat[:, d - b : d] = y
         if d < k:
@@ -179,31 +182,30 @@ def _block_lanczos(
         j = min(k + 1, d)
         wj = w[:, :j].to(torch.float32)
         res = torch.linalg.vector_norm(aat[:, :d] @ wj - (basis[:, :d] @ wj) * lam[:j].to(torch.float32), dim=0)
-        res = res.to(torch.float64)
-        current = _ritz(lam, w, x[:, :d], k, live, gen, d, noise)
-        n_live = int(live.sum())
+        res = res.cpu().numpy().astype(np.float64)
+        current = _ritz(lam, w, x[:, :d], k, n_live, gen, d, noise)
         if n_live == 0:
             return current
-        values_ok = bool((res[:k] <= torch.maximum(tol * lam[:k], floor)).all())
-        gap = float(lam[n_live - 1] - lam[n_live]) if n_live < d else float(lam[n_live - 1])
-        bound = float((res[:n_live] ** 2).sum()) / max(gap, 1e-300) ** 2 / n_live
+        values_ok = bool((res[:k] <= np.maximum(tol * lam_np[:k], floor)).all())
+        gap = lam_np[n_live - 1] - lam_np[n_live] if n_live < d else lam_np[n_live - 1]
+        bound = float((res[:n_live] ** 2).sum()) / max(float(gap), 1e-300) ** 2 / n_live
         if values_ok and bound <= tol:
             return current
         if prev is not None:
-            moved_s = float(((current.s[:n_live] - prev.s[:n_live]).abs() / current.s[:n_live]).max())
+            s_now, s_then = lam_np[:n_live] ** 0.5, prev_s[:n_live]
+            moved_s = float((np.abs(s_now - s_then) / s_now).max())
             kept = float(((prev.v[:, :n_live].mT @ current.v[:, :n_live]) ** 2).sum()) / n_live
             if moved_s <= tol and 1.0 - kept <= tol:
                 return current
         if d == cap:
             return None
-        prev = current
+        prev, prev_s = current, lam_np[:k] ** 0.5
 
 
-def _ritz(lam, w, x, k, live, gen, d, noise) -> TopSpectrum:
+def _ritz(lam, w, x, k, n_live, gen, d, noise) -> TopSpectrum:
     """σ_i = √λ_i and V = X·W·Σ⁻¹ for the top k Ritz pairs; directions with a numerically zero σ (a rank-deficient
     matrix) are completed by random orthonormal ones."""
     s = lam[:k].sqrt()
-    n_live = int(live.sum())
     return TopSpectrum(s, _complete(x @ w[:, :n_live] / s[:n_live], k, gen), d, noise)
 
 
