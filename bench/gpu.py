@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
-import run as bench_run
 import torch
+from runs import build_run, compute_fresh, link_run, read_floor, series, timed
 
 import opd_lens
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
@@ -48,7 +47,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py: torch sees no CUDA GPU (use --device cpu for a dry run)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    origin, run = bench_run._build(args, args.layers)
+    origin, run = build_run(args, args.layers)
     ckpts = find_checkpoints(run)
     o = open_checkpoint(origin)
     refs = matched_matrices(o, ckpts[0])
@@ -56,31 +55,26 @@ def main() -> None:
 
     warm = args.work / "warm-store"
     shutil.rmtree(warm, ignore_errors=True)
-    first = _timed(
+    first = timed(
         lambda: opd_lens.compute(
             warm, run, origin=origin, name="r", endpoint="none", device=args.device, progress=False
         ),
         device,
     )
-    a = _timed(lambda: [_read_floor(o, c, refs, device) for c in ckpts], device) / len(ckpts)
+    a = timed(lambda: [read_floor(o, c, refs, device) for c in ckpts], device) / len(ckpts)
     _print("(a) read floor, ΔW formed on the device", a)
-    b = bench_run._series(args.work / "b", ckpts, origin, warm, device=args.device)
+    b = series(args.work / "b", ckpts, origin, warm, device=args.device)
     _print("(b) opd_lens trajectory metrics, one checkpoint at a time", b, f"b/a = {b / a:.1f}")
     last = ckpts[-1]
-    d = _timed(lambda: [_naive_trajectory(o.read_matrix(r), last.read_matrix(r), device) for r in refs], device)
+    d = timed(lambda: [_naive_trajectory(o.read_matrix(r), last.read_matrix(r), device) for r in refs], device)
     _print("(d) naive: float64 SVD of ΔW per matrix", d, f"d/b = {d / b:.1f}")
-    subset = bench_run._subset([last], args.work / "subset")
-    c = _timed(lambda: bench_run._opd_lens(args.work / "c", subset, origin, warm, "all", device=args.device), device)
+    subset = link_run([last], args.work / "subset")
+    c = timed(lambda: compute_fresh(args.work / "c", subset, origin, warm, "all", device=args.device), device)
     _print("(c) opd_lens endpoint='all'", c)
     s = Settings()
-    e = _timed(lambda: [_naive_pair(o.read_matrix(r), last.read_matrix(r), s, device) for r in refs], device)
+    e = timed(lambda: [_naive_pair(o.read_matrix(r), last.read_matrix(r), s, device) for r in refs], device)
     _print("(e) naive pair script: float64 SVDs of W_0, W_t, ΔW", e, f"e/c = {e / c:.1f}")
     _print("W_0's SVDs and masks, once per run", first - b * len(ckpts))
-
-
-def _read_floor(o, c, refs, device) -> None:
-    for r in refs:
-        c.read_matrix(r).to(device).float() - o.read_matrix(r).to(device).float()
 
 
 def _naive_trajectory(w0, wt, device):
@@ -98,14 +92,6 @@ def _naive_pair(w0, wt, s: Settings, device):
     cos_u = torch.linalg.svdvals(u0[:, :k].T @ ut[:, :k]).clamp(max=1)
     cos_v = torch.linalg.svdvals(vh0[:k] @ vht[:k].T).clamp(max=1)
     return torch.rad2deg(torch.arccos(cos_u)).max(), torch.rad2deg(torch.arccos(cos_v)).max(), (st - s0).norm(), sd
-
-
-def _timed(fn, device) -> float:
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t
 
 
 def _print(label: str, seconds: float, ratio: str = "") -> None:

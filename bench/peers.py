@@ -24,13 +24,12 @@ import importlib.util
 import json
 import logging
 import shutil
-import time
 import warnings
 from pathlib import Path
 
 import naive
-import run as bench_run
 import torch
+from runs import LABEL, build_run, naive_over, read_floor, row, series
 from safetensors.torch import load_file
 
 import opd_lens
@@ -74,20 +73,20 @@ def _pair(args) -> None:
     )
     store = args.work / "pair-store"
     shutil.rmtree(store, ignore_errors=True)
-    a = _row("read floor: stream W_0 and W_t, form ΔW in fp32", lambda: bench_run._read_floor(o, c, refs))
-    mine = _row(
+    a = row("read floor: stream W_0 and W_t, form ΔW in fp32", lambda: read_floor(o, c, refs))
+    mine = row(
         "opd_lens.compute(endpoint='all'), fresh store",
         lambda: opd_lens.compute(store, ckpt.parent, origin=origin, name="r", endpoint="all", progress=False),
     )
-    ww = _row("WeightWatcher analyze(model, base_model)", lambda: _weightwatcher(ckpt, origin))
-    np_ = _row("numpy pair script (bench/naive.py)", lambda: bench_run._naive(naive.pair, o, c, refs, Settings()))
-    print(f"{'':56s}opd_lens/floor = {mine / a:5.1f}")
-    print(f"{'':56s}WeightWatcher/opd_lens = {ww / mine:4.2f}  (target ≥ 1, aim 2)")
-    print(f"{'':56s}numpy/opd_lens = {np_ / mine:4.2f}")
+    ww = row("WeightWatcher analyze(model, base_model)", lambda: _weightwatcher(ckpt, origin))
+    np_ = row("numpy pair script (bench/naive.py)", lambda: naive_over(naive.pair, o, c, refs, Settings()))
+    print(f"{'':60s}opd_lens/floor = {mine / a:5.1f}")
+    print(f"{'':60s}WeightWatcher/opd_lens = {ww / mine:4.2f}  (target ≥ 1, aim 2)")
+    print(f"{'':60s}numpy/opd_lens = {np_ / mine:4.2f}")
 
 
 def _series(args) -> None:
-    origin, run = bench_run._build(args, args.layers)
+    origin, run = build_run(args, args.layers)
     ckpts = find_checkpoints(run)
     o = open_checkpoint(origin)
     refs = matched_matrices(o, ckpts[0])
@@ -95,19 +94,17 @@ def _series(args) -> None:
     warm = args.work / "series-warm"
     shutil.rmtree(warm, ignore_errors=True)
     opd_lens.compute(warm, run, origin=origin, name="r", endpoint="none", progress=False)  # W_0's factors, once
-    a = _row("read floor", lambda: [bench_run._read_floor(o, c, refs) for c in ckpts], len(ckpts))
-    mine = bench_run._series(args.work / "series-store", ckpts, origin, warm)
-    print(f"  {'opd_lens trajectory metrics, one checkpoint at a time':<54s} {mine:8.2f} s", flush=True)
-    ww = _row(
-        "WeightWatcher analyze(model, base_model), one checkpoint", lambda: _weightwatcher(ckpts[-1].path, origin)
-    )
-    np_ = _row(
+    a = row("read floor", lambda: [read_floor(o, c, refs) for c in ckpts], len(ckpts))
+    mine = series(args.work / "series-store", ckpts, origin, warm)
+    print(f"  {'opd_lens trajectory metrics, one checkpoint at a time':<{LABEL}s} {mine:8.2f} s", flush=True)
+    ww = row("WeightWatcher analyze(model, base_model), one checkpoint", lambda: _weightwatcher(ckpts[-1].path, origin))
+    np_ = row(
         "numpy trajectory script (bench/naive.py)",
-        lambda: bench_run._naive(naive.trajectory, o, ckpts[-1], refs, Settings()),
+        lambda: naive_over(naive.trajectory, o, ckpts[-1], refs, Settings()),
     )
-    print(f"{'':56s}opd_lens/floor = {mine / a:5.1f}")
-    print(f"{'':56s}WeightWatcher/opd_lens = {ww / mine:5.1f}  (target ≥ 10)")
-    print(f"{'':56s}numpy/opd_lens = {np_ / mine:5.1f}  (target ≥ 20)")
+    print(f"{'':60s}opd_lens/floor = {mine / a:5.1f}")
+    print(f"{'':60s}WeightWatcher/opd_lens = {ww / mine:5.1f}  (target ≥ 10)")
+    print(f"{'':60s}numpy/opd_lens = {np_ / mine:5.1f}  (target ≥ 20)")
 
 
 def _real_pair(out: Path, spectrum: str, rank: int) -> tuple[Path, Path]:
@@ -141,14 +138,6 @@ def _weightwatcher(model: Path, base: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ww.WeightWatcher().analyze(model=str(model), base_model=str(base))
-
-
-def _row(label: str, fn, checkpoints: int = 1) -> float:
-    t = time.perf_counter()
-    fn()
-    seconds = (time.perf_counter() - t) / checkpoints
-    print(f"  {label:<54s} {seconds:8.2f} s", flush=True)
-    return seconds
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ measures, in ONE process so that ratios are comparable on a noisy machine:
 per checkpoint, trajectory metrics (what grows with the number of checkpoints)
     (a) the read floor: stream every analysed matrix of W_0 and W_t from safetensors, form ΔW in float32;
     (f) the non-spectral part: the read, opd_lens's one update pass and both mask overlaps (no spectra, no store);
+        (a) and (f) are each the fastest of 3 passes;
     (b) opd_lens, default settings, no endpoint metrics (W_0's factors already cached), checkpoints added to a
         store one at a time as a series or ``opd-lens watch`` adds them (``Store.compute`` after each);
     (b₁) the same as one ``opd_lens.compute`` call into a fresh store (creating its arrays, returning the Dataset);
@@ -33,19 +34,22 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import naive as naive_script
 import torch
+from runs import LABEL, build_run, compute_fresh, link_run, naive_over, read_floor, row, series, timed
 
 import opd_lens
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from opd_lens.diagnostics import Settings, bits, origin_factors
 from opd_lens.diagnostics.support import update_pass
-from opd_lens.synthetic import SPECTRA, qwen3_config, write_planted_run
+from opd_lens.synthetic import SPECTRA
 
 TRAJECTORY_TARGET = {"planted": 5, "powerlaw": 5, "bulk": 15}
+FAST_REPEAT = 3
+"""(a) and (f) take a fraction of a second: each is the fastest of this many passes, so that a moment of noise on a
+shared machine does not decide the ratio of the two."""
 
 
 def main() -> None:
@@ -70,7 +74,7 @@ def main() -> None:
     if args.rss_probe:
         return _rss_probe(*map(Path, args.rss_probe))
 
-    origin, run = _build(args, args.layers)
+    origin, run = build_run(args, args.layers)
     ckpts = find_checkpoints(run)
     o = open_checkpoint(origin)
     refs = matched_matrices(o, ckpts[0])
@@ -85,123 +89,57 @@ def main() -> None:
     settings = Settings()
     warm = args.work / "warm-store"  # holds W_0's factors, computed once per run and timed here
     shutil.rmtree(warm, ignore_errors=True)
-    first = _timed(lambda: opd_lens.compute(warm, run, origin=origin, name="r", endpoint="none", progress=False))
+    first = timed(lambda: opd_lens.compute(warm, run, origin=origin, name="r", endpoint="none", progress=False))
 
     print("per checkpoint, trajectory metrics")
-    a = _row(
+    a = row(
         "(a) read floor: stream W_0 and W_t, form ΔW in fp32",
-        lambda: [_read_floor(o, c, refs) for c in ckpts],
+        lambda: [read_floor(o, c, refs) for c in ckpts],
         len(ckpts),
+        repeat=FAST_REPEAT,
     )
     masks = {r: origin_factors(o.read_matrix(r), settings) for r in refs}
-    f = _row(
+    f = row(
         "(f) non-spectral part: read, update pass, overlaps",
         lambda: [_non_spectral(o, c, refs, masks, settings) for c in ckpts],
         len(ckpts),
+        repeat=FAST_REPEAT,
     )
     print(f"{'':62s}f/a = {f / a:5.1f}  (target ≤ 1.5)")
-    b = _series(args.work / "b", ckpts, origin, warm)
-    print(f"  {'(b) opd_lens trajectory metrics, one checkpoint at a time':<58s} {b:8.2f} s", flush=True)
+    b = series(args.work / "b", ckpts, origin, warm)
+    print(f"  {'(b) opd_lens trajectory metrics, one checkpoint at a time':<{LABEL}s} {b:8.2f} s", flush=True)
     print(f"{'':62s}b/a = {b / a:5.1f}  (target ≤ {TRAJECTORY_TARGET[args.spectrum]})")
-    b1 = _row(
+    b1 = row(
         "(b₁) the same in one compute() into a fresh store",
-        lambda: _opd_lens(args.work / "b1", run, origin, warm, "none"),
+        lambda: compute_fresh(args.work / "b1", run, origin, warm, "none"),
         len(ckpts),
     )
     print(f"{'':62s}b₁/a = {b1 / a:4.1f}")
     naive = ckpts[:n_ref]
-    d = _row(
+    d = row(
         "(d) naive: full float64 SVD of ΔW per matrix",
-        lambda: [_naive(naive_script.trajectory, o, c, refs, settings) for c in naive],
+        lambda: [naive_over(naive_script.trajectory, o, c, refs, settings) for c in naive],
         n_ref,
     )
     print(f"{'':62s}d/b = {d / b:5.1f}  (target ≥ 20)")
     print("endpoint metrics at every checkpoint")
-    subset = _subset(naive, args.work / "subset")
-    c = _row("(c) opd_lens endpoint='all'", lambda: _opd_lens(args.work / "c", subset, origin, warm, "all"), n_ref)
-    e = _row(
+    subset = link_run(naive, args.work / "subset")
+    c = row("(c) opd_lens endpoint='all'", lambda: compute_fresh(args.work / "c", subset, origin, warm, "all"), n_ref)
+    e = row(
         "(e) naive pair script, re-factorises W_0",
-        lambda: [_naive(naive_script.pair, o, c, refs, settings) for c in naive],
+        lambda: [naive_over(naive_script.pair, o, c, refs, settings) for c in naive],
         n_ref,
     )
     print(f"{'':62s}e/c = {e / c:5.1f}  (target ≥ 3)")
     print("once per run")
     label = "opd_lens: W_0's SVD and masks, cached in the store"
-    print(f"  {label:<58s} {first - b1 * len(ckpts):8.2f} s")
+    print(f"  {label:<{LABEL}s} {first - b1 * len(ckpts):8.2f} s")
     if not args.skip_rss:
         small, large = (_peak_rss(args, layers) for layers in (max(1, args.layers // 2), args.layers))
         print(
             f"\npeak RSS of a compute: {args.layers // 2} layers {small:.0f} MiB, {args.layers} layers "
             f"{large:.0f} MiB: {100 * (large / small - 1):+.1f}%  (target < +15%)"
         )
-
-
-def _build(args, layers: int) -> tuple[Path, Path]:
-    """Write (once) the synthetic run for these sizes; returns (origin, run_dir)."""
-    key = f"h{args.hidden}-i{args.intermediate}-L{layers}-c{args.checkpoints}-r{args.rank}-d{args.density}"
-    key += f"-{args.spectrum}"
-    out = args.work / key
-    if not (out / "done").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        config = qwen3_config(layers, args.hidden, args.intermediate, args.heads, args.kv_heads)
-        steps = [10 * (i + 1) for i in range(args.checkpoints)]
-        write_planted_run(out, config=config, steps=steps, rank=args.rank, density=args.density, spectrum=args.spectrum)
-        (out / "done").touch()
-    return out / "origin", out / "run"
-
-
-def _row(label: str, fn, checkpoints: int) -> float:
-    """Time ``fn`` over ``checkpoints`` checkpoints; print and return the seconds per checkpoint."""
-    seconds = _timed(fn) / checkpoints
-    print(f"  {label:<58s} {seconds:8.2f} s", flush=True)
-    return seconds
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def _opd_lens(store: Path, run: Path, origin: Path, warm: Path, endpoint: str, device: str = "auto") -> None:
-    """An opd_lens compute into a fresh store that starts with W_0's factors cached (copied from ``warm``)."""
-    _fresh(store, warm)
-    opd_lens.compute(store, run, origin=origin, name="r", endpoint=endpoint, device=device, progress=False)
-
-
-def _series(store: Path, ckpts, origin: Path, warm: Path, device: str = "auto") -> float:
-    """Seconds per checkpoint of a series grown one checkpoint at a time: link it into the run, ``Store.compute``
-    (trajectory metrics, and every stored step's lock_alignment against the new last one)."""
-    s = _fresh(store, warm)
-    run = _subset(ckpts[:1], store.parent / f"{store.name}-run")
-    s.add_run("r", run, origin=origin)
-    seconds = _timed(lambda: s.compute(endpoint="none", device=device, progress=False))
-    for c in ckpts[1:]:
-        (run / c.path.name).symlink_to(c.path.resolve(), target_is_directory=True)
-        seconds += _timed(lambda: s.compute(endpoint="none", device=device, progress=False))
-    return seconds / len(ckpts)
-
-
-def _fresh(store: Path, warm: Path):
-    """A new store holding W_0's factors (copied from ``warm``)."""
-    shutil.rmtree(store, ignore_errors=True)
-    s = opd_lens.open_store(store)
-    shutil.copytree(warm / "cache" / "origin", store / "cache" / "origin", dirs_exist_ok=True)
-    return s
-
-
-def _subset(ckpts, out: Path) -> Path:
-    """A run directory holding links to these checkpoints."""
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for c in ckpts:
-        (out / c.path.name).symlink_to(c.path.resolve(), target_is_directory=True)
-    return out
-
-
-def _read_floor(o, c, refs) -> None:
-    for r in refs:
-        c.read_matrix(r).float() - o.read_matrix(r).float()
 
 
 def _non_spectral(o, c, refs, origins, s: Settings) -> list:
@@ -216,13 +154,8 @@ def _non_spectral(o, c, refs, origins, s: Settings) -> list:
     return out
 
 
-def _naive(fn, o, c, refs, s: Settings) -> list:
-    """A plain numpy script (``bench/naive.py``) over every matrix of one checkpoint, reading as opd_lens does."""
-    return [fn(o.read_matrix(r).float().numpy(), c.read_matrix(r).float().numpy(), s) for r in refs]
-
-
 def _peak_rss(args, layers: int) -> float:
-    origin, run = _build(args, layers)
+    origin, run = build_run(args, layers)
     store = args.work / f"rss-{layers}"
     shutil.rmtree(store, ignore_errors=True)
     cmd = [sys.executable, __file__, "--rss-probe", str(origin), str(run), str(store)]

@@ -17,6 +17,7 @@ mid-resize is repaired by the next one. ``STORE/cache/`` keeps the origin factor
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+import zarr.api.asynchronous
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from zarr.core.sync import sync  # zarr's bridge to its I/O loop (a notebook's running loop rules out asyncio.run)
 
 from ._version import __version__
 from .checkpoints.names import natural_key
@@ -327,10 +330,12 @@ class Store:
         return {int(i) for i in np.flatnonzero(self._group["step"][:] >= 0)}
 
     def step_slots(self, steps: Iterable[int]) -> dict[int, int]:
-        """The slot of each step along the step dimension, allocating slots (in blocks) for new ones; one read and
-        at most one write of the step coordinate."""
+        """The slot of each step along the step dimension, allocating slots (in blocks) for new ones; one read (per
+        writer session) and at most one write of the step coordinate."""
         steps = list(steps)
-        coord = self._group["step"][:]
+        coord = self._held.get("step")
+        if coord is None:
+            coord = self._group["step"][:]
         index = {int(s): i for i, s in enumerate(coord) if s >= 0}
         new = [s for s in dict.fromkeys(steps) if s not in index]
         if new:
@@ -339,12 +344,15 @@ class Store:
                 size = coord.shape[0] + _STEP_BLOCK * math.ceil((len(new) - len(free)) / _STEP_BLOCK)
                 self._grow({"step": size})
                 free += range(coord.shape[0], size)
+                coord = np.concatenate([coord, np.full(size - coord.shape[0], -1, coord.dtype)])
             index.update(zip(new, free, strict=False))
-            lo, hi = min(index[s] for s in new), max(index[s] for s in new) + 1
-            block = self._group["step"][lo:hi]
+            coord = coord.copy()
             for s in new:
-                block[index[s] - lo] = s
-            self._group["step"][lo:hi] = block
+                coord[index[s]] = s
+            lo, hi = min(index[s] for s in new), max(index[s] for s in new) + 1
+            self._group["step"][lo:hi] = coord[lo:hi]
+        if self._locked:
+            self._held["step"] = coord
         return {s: index[s] for s in steps}
 
     def cache_dir(self, *parts: str) -> Path:
@@ -579,26 +587,35 @@ def parse_matrix_key(key: str) -> tuple[int, str]:
 
 
 class StepWriter:
-    """Writes whole (run, step) regions of one store, each variable's chunk once and then the ``complete`` flag,
-    keeping the group and its arrays open. Safe in a Dask worker: each region is its own set of chunks."""
+    """Writes whole (run, step) regions of one store: the ``complete`` flag cleared, every variable's chunk at once
+    (concurrently, on zarr's I/O loop), then the flag set; the group and its arrays stay open. Safe in a Dask
+    worker: each region is its own set of chunks."""
 
     def __init__(self, path: Path):
-        self._group = zarr.open_group(path, mode="r+")
-        self._arrays: dict[str, zarr.Array] = {}
+        self._group: zarr.AsyncGroup = sync(zarr.api.asynchronous.open_group(path, mode="r+"))
+        self._arrays: dict[str, zarr.AsyncArray] = {}
 
     def __call__(
         self, run: int, slot: int, scalars: Mapping[str, np.ndarray], angles: Mapping[str, np.ndarray] | None
     ) -> None:
         """Write one region and mark it complete. ``angles=None`` leaves the angle arrays untouched (a slot never
         written holds only their fill value, NaN)."""
-        self._array("complete")[run, slot] = 0
-        for name, block in {**scalars, **(angles or {})}.items():
-            self._array(name)[run, slot] = block
-        self._array("complete")[run, slot] = 1
+        sync(self._write(run, slot, {**scalars, **(angles or {})}))
 
-    def _array(self, name: str) -> zarr.Array:
+    async def _write(self, run: int, slot: int, blocks: Mapping[str, np.ndarray]) -> None:
+        complete = await self._array("complete")
+        await complete.setitem((run, slot), 0)
+        arrays = await asyncio.gather(*(self._array(name) for name in blocks))
+        writes = (a.setitem((run, slot), block) for a, block in zip(arrays, blocks.values(), strict=True))
+        # every write runs to its end before a failure is raised: one cut short would leave a partial chunk file
+        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        await complete.setitem((run, slot), 1)
+
+    async def _array(self, name: str) -> zarr.AsyncArray:
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = await self._group.getitem(name)
         return self._arrays[name]
 
 

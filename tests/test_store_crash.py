@@ -233,13 +233,19 @@ def test_sigkill_many_trials(big):
         what = rng.choice(["origin", "bases", "bases", "bases"])
         count = rng.randint(1, 13) if what == "origin" else rng.randint(1, 17)
         trials.append((what, count, round(rng.uniform(0.0, 0.15), 3)))
-    failures = []
+    failures, mid_run = [], 0
     for trial, (path, code) in zip(trials, kill_trials(root / "many", runs, trials, parallel=4), strict=True):
         try:
+            if code == -signal.SIGKILL and not (path / ".lock").exists():
+                # the delay outlasted the compute: killed after its writer let go, so the store must be whole
+                assert_same_store(opd_lens.open_store(path).dataset(), clean)
+                continue
             _trial(path, code, runs, clean)
+            mid_run += 1
         except Exception as e:  # report every trial, not just the first to fail
             failures.append(f"{trial}: {type(e).__name__}: {str(e)[:300]}")
     assert not failures, "\n".join(failures)
+    assert mid_run >= 12, f"only {mid_run} of {len(trials)} kills landed mid-compute"
 
 
 # --- kills at chosen points inside the writer -----------------------------------------------------------------------

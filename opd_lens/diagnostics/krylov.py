@@ -192,14 +192,14 @@ def _block_lanczos(
         if values_ok and bound <= tol:
             return current
         if prev is not None:
-            s_now, s_then = lam_np[:n_live] ** 0.5, prev_s[:n_live]
+            s_now, s_then = lam_np[:n_live] ** 0.5, prev.s[:n_live].cpu().numpy()
             moved_s = float((np.abs(s_now - s_then) / s_now).max())
             kept = float(((prev.v[:, :n_live].mT @ current.v[:, :n_live]) ** 2).sum()) / n_live
             if moved_s <= tol and 1.0 - kept <= tol:
                 return current
         if d == cap:
             return None
-        prev, prev_s = current, lam_np[:k] ** 0.5
+        prev = current
 
 
 def _ritz(lam, w, x, k, n_live, gen, d, noise) -> TopSpectrum:
