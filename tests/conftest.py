@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,6 +16,13 @@ from safetensors.torch import save_file
 # CI replays the same examples every run (a red CI is a real regression); local runs keep exploring.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def ctrl_c_default() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT: a shell's background job (``cmd &``) starts with
+    SIGINT ignored, which Python then keeps, so the child would never see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 # A tiny Qwen3-like geometry with grouped-query attention (kv heads < heads).
 HIDDEN = 16

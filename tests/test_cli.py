@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ctrl_c_default
 
 import opd_lens as opd_lens_api
 from opd_lens.synthetic import write_planted_run
@@ -117,7 +118,11 @@ def test_watch_computes_new_checkpoints_and_stops_cleanly(tmp_path):
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "opd_lens.cli", "watch", str(run_dir), "--origin", str(origin), "--name", "live"]
     proc = subprocess.Popen(
-        [*cmd, "--store", str(store), "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*cmd, "--store", str(store), "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_default,
     )
     try:
         assert proc.stdout.readline().startswith("watching ")

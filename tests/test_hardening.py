@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import ctrl_c_default
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -450,6 +451,7 @@ def test_watch_skips_a_checkpoint_being_written_until_it_is_complete(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": ""},
+        preexec_fn=ctrl_c_default,
     )
     out, err = queue.Queue(), queue.Queue()
     for stream, q in ((proc.stdout, out), (proc.stderr, err)):
