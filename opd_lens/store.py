@@ -396,16 +396,19 @@ class Store:
         r = self.run_index(name)
         slots = self.step_slots(values)
         lo, hi = min(slots.values()), max(slots.values()) + 1
-        ref = self._group["lock_ref"][r, lo:hi]
+        covered = len(slots) == hi - lo  # every slot of the range is written: nothing needs reading back first
+        refs, locks = self._group["lock_ref"], self._group["lock_alignment"]
+        ref = np.empty(hi - lo, refs.dtype) if covered else refs[r, lo:hi]
         for step, v in values.items():
             ref[slots[step] - lo] = -1 if v is None else ref_step
         if any(v is not None for v in values.values()):
-            lock = self._group["lock_alignment"][r, lo:hi]
+            whole = covered and all(v is not None for v in values.values())
+            lock = np.empty((hi - lo, *locks.shape[2:]), locks.dtype) if whole else locks[r, lo:hi]
             for step, v in values.items():
                 if v is not None:
                     lock[slots[step] - lo] = v
-            self._group["lock_alignment"][r, lo:hi] = lock
-        self._group["lock_ref"][r, lo:hi] = ref
+            locks[r, lo:hi] = lock
+        refs[r, lo:hi] = ref
 
     # --- internals ----------------------------------------------------------------------------------------------
 
@@ -557,23 +560,48 @@ class LockBases:
             self._memo[file] = bases
         return bases
 
-    def alignment(self, step: int, anchor: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Sim_K of V_K(``step``) to the bases ``anchor`` (matrix key -> V_K), for every matrix both hold with one
-        shape (LoRA steps of other ranks share no K)."""
-        bases = self.load(step)
-        by_shape: dict[tuple[int, ...], list[str]] = {}
-        for k, b in bases.items():
-            if k in anchor and anchor[k].shape == b.shape:
-                by_shape.setdefault(tuple(b.shape), []).append(k)
-        out = {}
-        for keys in by_shape.values():  # one batched Sim_K per shape: a few calls per step, not one per matrix
-            sims = sim_k(torch.stack([bases[k] for k in keys]), torch.stack([anchor[k] for k in keys]))
-            out.update(zip(keys, sims.tolist(), strict=True))
-        return out
+    def alignment_grid(
+        self,
+        steps: Iterable[int],
+        anchor: Mapping[str, torch.Tensor],
+        layers: Mapping[int, int],
+        modules: Mapping[str, int],
+    ) -> np.ndarray:
+        """Sim_K of V_K(t) to the bases ``anchor`` (matrix key -> V_K) for each of ``steps``, as a float32 (step,
+        layer, module) grid indexed by ``layers`` and ``modules``; NaN where a matrix is not in both or its shape
+        differs (LoRA steps of other ranks share no K). Batched per shape across steps, :data:`SIM_BATCH_BYTES` of
+        bases per call, so that a long run costs a few calls rather than one per step and matrix."""
+        steps = list(steps)
+        grid = np.full((len(steps), len(layers), len(modules)), np.nan, np.float32)
+        where = {}  # matrix key -> (layer, module) index in the grid
+        for k in anchor:
+            layer, module = parse_matrix_key(k)
+            where[k] = layers[layer], modules[module]
+        batches: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
+
+        def flush(batch: list[tuple[int, str, torch.Tensor]]) -> None:
+            sims = sim_k(torch.stack([b for *_, b in batch]), torch.stack([anchor[k] for _, k, _ in batch]))
+            for (i, k, _), sim in zip(batch, sims.tolist(), strict=True):
+                grid[(i, *where[k])] = sim
+            batch.clear()
+
+        for i, step in enumerate(steps):
+            for k, b in self.load(step).items():
+                if k in anchor and anchor[k].shape == b.shape:
+                    batch = batches.setdefault(tuple(b.shape), [])
+                    batch.append((i, k, b))
+                    if len(batch) * b.numel() * b.element_size() >= SIM_BATCH_BYTES:
+                        flush(batch)
+        for batch in batches.values():
+            if batch:
+                flush(batch)
+        return grid
 
 
 BASES_MEMO_BYTES = 2**28
 """Bytes of V_K bases a store keeps in memory once loaded (256 MiB)."""
+SIM_BATCH_BYTES = 2**24
+"""Bases stacked into one Sim_K call by :meth:`LockBases.alignment_grid` (16 MiB, besides as many of the anchor)."""
 
 
 def matrix_key(ref) -> str:

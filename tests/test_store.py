@@ -898,3 +898,42 @@ def test_endpoint_all_later_adds_angles_to_stored_steps(tmp_path, runs):
     assert bool(ds.max_angle_v.sel(run="sft").notnull().all())
     again = store.compute(progress=False, endpoint="all")
     assert (again.steps, again.matrices_read) == ([], 0)
+
+
+def test_alignment_grid_equals_sim_k_per_matrix_in_any_batching(tmp_path, monkeypatch):
+    """Sim_K of every step's bases to an anchor, batched per shape across steps, equals the float64 numpy oracle
+    matrix by matrix, whatever the batch size; a matrix missing from a step, or of another K, stays NaN."""
+    import opd_lens.store as store_module
+    from opd_lens.store import LockBases
+
+    gen = torch.Generator().manual_seed(3)
+
+    def basis(n: int, k: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q.to(torch.float32)
+
+    layers, modules = {0: 0, 1: 1}, {"q": 0, "down": 1}
+    shapes = {"q": (24, 4), "down": (40, 4)}
+    bases = LockBases(tmp_path)
+    steps = [1, 2, 3, 5, 8]
+    for step in steps:
+        held = {f"{layer}|{m}": basis(*shape) for layer in layers for m, shape in shapes.items()}
+        if step == 3:
+            del held["1|q"]  # not in this step
+            held["0|down"] = basis(40, 2)  # another K: no Sim_K to the anchor's
+        bases.save(step, held)
+    anchor = {f"{layer}|{m}": basis(*shape) for layer in layers for m, shape in shapes.items()}
+
+    expected = np.full((len(steps), 2, 2), np.nan)
+    for i, step in enumerate(steps):
+        for key, v in bases.load(step).items():
+            layer, m = key.split("|")
+            if v.shape == anchor[key].shape:
+                cos = v.double().numpy().T @ anchor[key].double().numpy()
+                expected[i, layers[int(layer)], modules[m]] = (cos**2).sum() / v.shape[1]
+    for batch_bytes in (1, 24 * 4 * 4 * 2, 2**24):  # one basis per call, two, everything at once
+        monkeypatch.setattr(store_module, "SIM_BATCH_BYTES", batch_bytes)
+        got = bases.alignment_grid(steps, anchor, layers, modules)
+        assert got.shape == (5, 2, 2) and got.dtype == np.float32
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert np.isnan(got[2, 1, 0]) and np.isnan(got[2, 0, 1]) and not np.isnan(got[2, 0, 0])

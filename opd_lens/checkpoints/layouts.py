@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWarning
 from .adapters import adapter_dir
 from .foreign import foreign_layout
-from .reader import INDEX_NAME, Checkpoint, dcp_dir, open_checkpoint, pickle_files, read_trainer_step, weight_files
+from .reader import INDEX_NAME, Checkpoint, dcp_dir, open_checkpoint, pickle_files, weight_files
 
 __all__ = ["Layout", "LAYOUTS", "find_checkpoints", "checkpoint_path"]
 
@@ -203,7 +203,7 @@ def _open_or_skip(
     except CheckpointError as e:
         skipped.append((path, f"skipping incomplete checkpoint: {e}"))
         return None
-    trainer_step = read_trainer_step(path)
+    trainer_step = ckpt.trainer_step
     if trainer_step is not None and trainer_step != dir_step:
         warnings.warn(
             f"{path}: trainer_state.json says global_step {trainer_step}, the directory name says {dir_step}; "

@@ -122,6 +122,12 @@ class Checkpoint:
         return config if isinstance(config, dict) else {}
 
     @cached_property
+    def trainer_step(self) -> int | None:
+        """``global_step`` from the ``trainer_state.json`` beside the weights, or None; read once (an opened
+        checkpoint is reused only while its directory, that file included, is unchanged)."""
+        return read_trainer_step(self.path)
+
+    @cached_property
     def fingerprint(self) -> str:
         """A content fingerprint: SHA-256 over each weight file's name, size, header and first and last 64 KiB.
 
@@ -160,11 +166,18 @@ class Checkpoint:
     def _signature(self) -> tuple:
         """(path, inode, size, mtime) of the directory, of everything in it and of every file elsewhere that the
         content lives in: changes whenever one of them is rewritten, replaced, added or removed (up to the file
-        system's timestamp granularity)."""
-        inside = sorted(Path(e.path) for e in os.scandir(self.path))
+        system's timestamp granularity). Plain strings and ``os`` calls: a growing run re-checks every stored
+        checkpoint on each compute."""
+        with os.scandir(self.path) as entries:
+            inside = sorted(e.path for e in entries)
+        paths = [os.fspath(self.path), *inside, *self._outside]
+        return tuple((p, (st := os.stat(p)).st_ino, st.st_size, st.st_mtime_ns) for p in paths)
+
+    @cached_property
+    def _outside(self) -> tuple[str, ...]:
+        """The directories, then the files, outside :attr:`path` that hold this checkpoint's configs and weights."""
         outside = [p for p in (*self._configs(), *self._weight_files()) if p.parent != self.path]
-        paths = [self.path, *inside, *sorted({p.parent for p in outside}), *outside]
-        return tuple((p, (st := p.stat()).st_ino, st.st_size, st.st_mtime_ns) for p in paths)
+        return tuple(os.fspath(p) for p in (*sorted({p.parent for p in outside}), *outside))
 
     def plan(self, include_globals: bool = False) -> MatrixPlan:
         """The analysed matrices of this checkpoint (see :mod:`opd_lens.checkpoints.names`)."""

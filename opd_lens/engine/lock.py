@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..store import Store, parse_matrix_key
+from ..store import Store
 
 __all__ = ["update_lock_alignment"]
 
@@ -22,14 +20,8 @@ def update_lock_alignment(store: Store, name: str) -> int:
         return 0
     layers, modules, _ = store.grid()
     bases = store.lock_bases(name)
-    final = bases.load(last)
-    values = {}
-    for step in stale:
-        grid = np.full((len(layers), len(modules)), np.nan, np.float32)
-        for key, sim in bases.alignment(step, final).items():
-            layer, module = parse_matrix_key(key)
-            grid[layers[layer], modules[module]] = sim
-        values[step] = grid
+    grids = bases.alignment_grid(stale, bases.load(last), layers, modules)
+    values = dict(zip(stale, grids, strict=True))
     store.write_lock(name, values, last)
     store.record(name, {s: {**recorded[s], "lock_ref": last} for s in stale})
     return len(stale)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..store import Store, StoreError, open_store, parse_matrix_key
+from ..store import Store, StoreError, open_store
 
 __all__ = ["lock_alignment", "lock_summary"]
 
@@ -51,12 +51,8 @@ def lock_alignment(
         ref = _reference(name, steps, progress, ref_step, ref_progress, store)
         refs.append(ref)
         bases = store.lock_bases(name)
-        anchor = bases.load(ref)
-        for step in steps:
-            j = int(np.flatnonzero(ds.step.values == step)[0])
-            for key, sim in bases.alignment(step, anchor).items():
-                layer, module = parse_matrix_key(key)
-                sim_ref[r, j, layers[layer], modules[module]] = sim
+        slots = [int(np.flatnonzero(ds.step.values == step)[0]) for step in steps]
+        sim_ref[r, slots] = bases.alignment_grid(steps, bases.load(ref), layers, modules)
     dims = ("run", "step", "layer", "module")
     out = xr.Dataset(
         {"sim_last": ds.lock_alignment, "sim_ref": (dims, sim_ref), "stable_rank": ds.stable_rank},
