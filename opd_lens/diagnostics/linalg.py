@@ -102,11 +102,6 @@ def gram_svd(w: torch.Tensor, k: int | None = None, *, left: bool = True, right:
     tall = m >= n
     a = w.to(torch.float64)
     g = a.mT @ a if tall else a @ a.mT
-    if not (left or right):  # the spectrum alone: eigenvalues without vectors cost 2–2.5× less
-        lam = torch.linalg.eigvalsh(g).flip(-1)
-        if not bool(lam[-1] > (GRAM_RCOND**2) * lam[0]):
-            return _drop(svd64(w, k), left, right)
-        return Factors(a.new_empty(m, 0), lam.sqrt(), a.new_empty(0, n))
     lam, e = torch.linalg.eigh(g)
     del g
     lam, e = lam.flip(-1), e.flip(-1)
