@@ -16,6 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from .errors import OpdLensError
+from .schema import VARIABLES
 from .summary import summarize
 
 __all__ = [
@@ -33,18 +34,6 @@ PALETTE = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b
 """Vega's tableau10, assigned to runs in order (the widgets use the same list: js/src/scale.ts)."""
 
 _MATRIX = ("layer", "module")
-_LABELS = {
-    "unchanged_frac": "unchanged fraction (bf16, 0–1)",
-    "update_fro": "Frobenius norm of ΔW (weight units)",
-    "stable_rank": "stable rank of ΔW (dimensionless)",
-    "hill_alpha": "Hill tail index α of σ(ΔW) (dimensionless)",
-    "lock_alignment": "Sim_K to the final channel (0–1)",
-    "principal_overlap": "principal-mask overlap (fraction of updates)",
-    "lowmag_overlap": "low-magnitude-mask overlap (fraction of updates)",
-    "max_angle_u": "max principal angle, U side (°)",
-    "max_angle_v": "max principal angle, V side (°)",
-    "spectral_shift": "spectral shift of σ(W) (relative)",
-}
 _WIDTH = 300
 _LINE_LEGEND = alt.Legend(symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2)
 _PROGRESS = alt.X("progress:Q", title="training progress (step / last step)", axis=alt.Axis(format="%"))
@@ -89,7 +78,7 @@ def trajectory(
         .reset_index()
         .dropna(subset=["progress", "mean"])[["run", "method", "step", "progress", *stats]]
     )
-    label = _LABELS.get(metric, metric)
+    label = VARIABLES[metric].title if metric in VARIABLES else metric
     where = ", ".join(f"{k} {v}" for k, v in {"module": module, "layer": layer}.items() if v is not None)
     base = alt.Chart(df).encode(x=_PROGRESS, color=_color(ds, shown.run.values))
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("min:Q", title=label), y2="max:Q")

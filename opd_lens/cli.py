@@ -145,6 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo.set_defaults(func=_zoo)
 
+    reloc = sub.add_parser(
+        "relocate", help="point a store at runs and origins that moved (paths inside the store's folder follow it)"
+    )
+    reloc.add_argument("store", type=Path, help="the store directory")
+    reloc.add_argument("--from", dest="old", type=Path, required=True, help="the folder the store records")
+    reloc.add_argument("--to", dest="new", type=Path, required=True, help="where that folder is now")
+    reloc.set_defaults(func=_relocate)
+
     ins = sub.add_parser("inspect", help="list the checkpoints of a run and the matrices opd_lens analyses")
     ins.add_argument("run_dir", type=Path, help="a run directory or a single checkpoint directory")
     ins.add_argument("--origin", type=Path, help="origin checkpoint W_0 to check every checkpoint against")
@@ -220,6 +228,11 @@ def _watch(args: argparse.Namespace) -> None:
             time.sleep(args.interval)
     except KeyboardInterrupt:
         print("stopped; every completed step is in the store", file=sys.stderr)
+
+
+def _relocate(args: argparse.Namespace) -> None:
+    changed = open_store(args.store, create=False).relocate(args.old, args.new)
+    print(f"{args.store}: {changed} recorded path(s) moved from {args.old} to {args.new}")
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -41,33 +41,14 @@ from ._version import __version__
 from .checkpoints.names import natural_key
 from .diagnostics import Settings, sim_k
 from .errors import CheckpointError, OpdLensError
+from .schema import SCHEMA_VERSION, VARIABLES
 
 __all__ = [
-    "SCALARS",
-    "ANGLES",
-    "SCHEMA_VERSION",
     "Store",
     "StoreError",
     "StoreLockedError",
     "open_store",
 ]
-
-SCHEMA_VERSION = 1
-SCALARS = (
-    "unchanged_frac",
-    "update_fro",
-    "stable_rank",
-    "hill_alpha",
-    "lock_alignment",
-    "principal_overlap",
-    "lowmag_overlap",
-    "max_angle_u",
-    "max_angle_v",
-    "spectral_shift",
-)
-"""Per-matrix variables, dims (run, step, layer, module)."""
-ANGLES = ("angles_u", "angles_v")
-"""Angle profiles, dims (run, step, layer, module, angle_index)."""
 
 _DATA = "data.zarr"
 _UNSET = {"run": "", "layer": np.iinfo(np.int64).min, "module": ""}
@@ -76,9 +57,6 @@ _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
 _RUN_KEYS = ("run_dir", "origin", "method", "include_globals")
-_DIMS = {name: ("run", "step", "layer", "module") for name in SCALARS} | {
-    name: ("run", "step", "layer", "module", "angle_index") for name in ANGLES
-}
 
 
 class StoreError(OpdLensError):
@@ -108,6 +86,7 @@ def open_store(path: str | os.PathLike, settings: Settings | None = None, *, cre
             "opd_lens_version": __version__,
             "settings": (settings or Settings()).asdict(),
             "runs": {},
+            "home": os.path.realpath(path),
         }
         try:
             zarr.create_group(path / _DATA, attributes=attrs, overwrite=True)  # one atomic write of zarr.json
@@ -135,6 +114,7 @@ class Store:
         """What the writer holding the lock has read (the registry as JSON, coordinate indices): no other process
         changes them meanwhile, so each is read once per :meth:`writer` session."""
         self._bases: dict[Path, dict[str, torch.Tensor]] = {}
+        self._home = os.path.realpath(self.path)
         self.data_path = self.path / _DATA
         """The zarr group; ``xr.open_zarr(store.data_path)`` shows the raw arrays (uncommitted slots included)."""
         try:
@@ -148,6 +128,9 @@ class Store:
                 f"{self.path}: written by a newer opd_lens (schema {version}, this is {SCHEMA_VERSION}); upgrade"
             )
         self.settings = Settings(**attrs["settings"])
+        home = attrs.get("home")
+        self._moved_from = os.path.dirname(home) if home and home != self._home else None
+        """The folder that held the store when its paths were recorded, if the store has moved since."""
 
     def __repr__(self) -> str:
         return f"<opd_lens.Store '{self.path}' runs={list(self.runs)}>"
@@ -156,13 +139,54 @@ class Store:
 
     @property
     def runs(self) -> dict[str, dict]:
-        """The registered runs: name -> run_dir, origin, method, include_globals, fingerprints."""
+        """The registered runs: name -> run_dir, origin, method, include_globals, fingerprints and the computed
+        checkpoints. Paths are absolute; when the store has moved with the folder that holds it (``runs/`` beside
+        ``store/`` in a project or demo folder), the paths that lay in that folder follow it."""
+        runs = self._registry()
+        if self._moved_from is None:
+            return runs
+        return {name: self._followed(run) for name, run in runs.items()}
+
+    def relocate(self, old: str | os.PathLike, new: str | os.PathLike) -> int:
+        """Point every recorded path below ``old`` at the same place below ``new`` (runs or origins that moved);
+        returns how many paths changed. Nothing is written unless every run's directory and origin then exist."""
+        old, new = os.path.abspath(old), os.path.abspath(new)
+        changed = self._relocated(old, new)[1]  # checked before the writer lock, whose entry may migrate the store
+        with self.writer():
+            self._update_runs(self._relocated(old, new)[0])
+        return changed
+
+    def _relocated(self, old: str, new: str) -> tuple[dict[str, dict], int]:
+        runs, changed = {}, 0
+        for name, run in self.runs.items():
+            out = runs[name] = _rebased(run, old, new)
+            changed += sum(out[k] != run[k] for k in ("run_dir", "origin"))
+            changed += sum(out["checkpoints"][s] != e for s, e in run["checkpoints"].items())
+            if missing := [out[k] for k in ("run_dir", "origin") if not os.path.exists(out[k])]:
+                raise StoreError(
+                    f"{self.path}: run {name!r} would point to {missing[0]}, which does not exist; nothing changed"
+                )
+        if not changed:
+            where = ", ".join(sorted({run["run_dir"] for run in self.runs.values()}))
+            raise StoreError(f"{self.path}: no recorded path lies below {old}; the runs are at {where}")
+        return runs, changed
+
+    def _registry(self) -> dict[str, dict]:
+        """The run registry as stored."""
         if (held := self._held.get("runs")) is not None:
             return json.loads(held)
         runs = dict(zarr.open_group(self.data_path, mode="r").attrs["runs"])
         if self._locked:
             self._held["runs"] = json.dumps(runs)
         return runs
+
+    def _followed(self, run: dict) -> dict:
+        """``run`` with the paths that lay in the folder the store was in moved to the folder it is in now, unless
+        its directory is still where it was recorded (the store alone was copied)."""
+        old = self._moved_from
+        if not _below(run["run_dir"], old) or os.path.exists(run["run_dir"]):
+            return run
+        return _rebased(run, old, os.path.dirname(self._home))
 
     def register_run(self, name: str, spec: Mapping, shapes: Mapping[tuple[int, str], tuple[int, int]]) -> None:
         """Register run ``name`` (``spec``: run_dir, origin, method, include_globals, origin_fingerprint) with its
@@ -189,7 +213,10 @@ class Store:
 
     def dataset(self, lazy: bool = False) -> xr.Dataset:
         """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords, and
-        ``expert`` / ``projection`` along ``module`` to group MoE experts (see :meth:`_expert_coords`).
+        ``expert`` / ``projection`` along ``module`` to group MoE experts (see :meth:`_expert_coords`). Each
+        variable carries the ``long_name``, ``units`` and ``description`` of :mod:`opd_lens.schema`; the attrs hold
+        the settings and ``runs``, the run registry as a JSON document (``json.loads``), so that
+        ``ds.to_netcdf()`` writes it.
 
         By default a snapshot loaded into memory. ``lazy=True`` (needs dask) keeps the variables as dask arrays
         read on demand, one (run, step) chunk at a time, for stores too large for memory; such a Dataset reads
@@ -212,8 +239,11 @@ class Store:
         ds = ds.isel(step=np.flatnonzero(complete.any("run").values))
         complete = ds["complete"] == 1
         last = ds.step.where(complete).max("step")
-        variables = {name: ds[name].where(complete) for name in (*SCALARS, *ANGLES)}
-        variables["lock_alignment"] = variables["lock_alignment"].where(ds["lock_ref"] == last)
+        variables = {}
+        for name, v in VARIABLES.items():  # a variable newer than the store (not yet migrated) reads as NaN
+            da = ds[name] if name in ds else xr.full_like(ds["stable_rank"], np.nan)
+            valid = complete & (ds["lock_ref"] == last) if name == "lock_alignment" else complete
+            variables[name] = da.where(valid).assign_attrs(v.attrs)
         out = xr.Dataset(variables, coords={"numel": ds["numel"]})
         out = out.assign_coords(
             progress=(ds.step / last).where(complete).transpose("run", "step"),
@@ -230,7 +260,7 @@ class Store:
             "schema_version": SCHEMA_VERSION,
             "opd_lens_version": __version__,
             **self.settings.asdict(),
-            "runs": runs,
+            "runs": json.dumps(runs),
         }
         return out
 
@@ -283,7 +313,11 @@ class Store:
         _acquire(self.path / _LOCK)
         self._locked = True
         try:
+            self._group = zarr.open_group(self.data_path, mode="r+")  # its attributes as the last writer left them
             self._finish_grow()
+            self._migrate()
+            if self._moved_from is not None:  # record the paths where they are now
+                self._update_runs({})
             yield self
         except (OSError, SafetensorError) as e:
             if isinstance(e, OpdLensError):  # CheckpointNotFoundError is an OSError too
@@ -413,9 +447,11 @@ class Store:
     # --- internals ----------------------------------------------------------------------------------------------
 
     def _update_runs(self, changes: Mapping[str, dict]) -> None:
+        """Replace registry entries with one write, recording where the store is now."""
         runs = {**self.runs, **changes}
         self._held.pop("runs", None)  # a failed write must not leave a registry that the store does not hold
-        self._group.attrs["runs"] = runs
+        self._group.attrs.update({"runs": runs, "home": self._home})
+        self._moved_from = None
         if self._locked:
             self._held["runs"] = json.dumps(runs)
 
@@ -485,6 +521,26 @@ class Store:
         _atomic_write(marker, json.dumps(dict(sizes)).encode())
         self._finish_grow()
 
+    def _migrate(self) -> None:
+        """Bring a store of an older schema to :data:`SCHEMA_VERSION` in place: create the arrays it lacks (NaN,
+        shaped and chunked like the arrays of the same dimensions), then record the version. Each step is atomic
+        and the whole is idempotent, so a writer killed half-way leaves a store the next writer completes."""
+        if self._group.attrs["schema_version"] >= SCHEMA_VERSION:
+            return
+        if "complete" in self._group:  # the arrays exist; a store without them gets all of them on registration
+            for name, v in VARIABLES.items():
+                if name not in self._group:
+                    like = next(a for n, a in self._group.arrays() if n in VARIABLES and VARIABLES[n].dims == v.dims)
+                    self._group.create_array(
+                        name,
+                        shape=like.shape,
+                        chunks=like.chunks,
+                        dtype=np.float32,
+                        fill_value=np.nan,
+                        dimension_names=list(v.dims),
+                    )
+        self._group.attrs["schema_version"] = SCHEMA_VERSION
+
     def _finish_grow(self) -> None:
         marker = self.path / _GROW
         if not marker.is_file():
@@ -516,7 +572,8 @@ def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
         },
         "lock_ref": {"dims": ("run", "step"), "chunks": (1, _STEP_BLOCK), "dtype": np.int64, "fill_value": -1},
     }
-    for name, dims in _DIMS.items():
+    for name, v in VARIABLES.items():
+        dims = v.dims
         steps = _STEP_BLOCK if name == "lock_alignment" else 1  # rewritten for all steps at once, by one process
         chunks = (1, steps, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
         specs[name] = {"dims": dims, "chunks": chunks, "dtype": np.float32, "fill_value": np.nan}
@@ -669,6 +726,20 @@ def _resolved(path: str | os.PathLike) -> str:
         return str(Path(path).resolve())
     except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
         raise CheckpointError(f"{path}: cannot resolve the path: {e}") from None
+
+
+def _below(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _rebased(run: Mapping, old: str, new: str) -> dict:
+    """A registry entry with its paths below ``old`` moved below ``new``."""
+
+    def moved(path: str) -> str:
+        return new + path[len(old.rstrip(os.sep)) :] if _below(path, old) else path
+
+    entries = {s: {**e, "path": moved(e["path"])} if "path" in e else e for s, e in run["checkpoints"].items()}
+    return {**run, "run_dir": moved(run["run_dir"]), "origin": moved(run["origin"]), "checkpoints": entries}
 
 
 def _describe(run: Mapping) -> str:

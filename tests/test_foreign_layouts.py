@@ -28,7 +28,7 @@ from opd_lens.checkpoints import find_checkpoints, open_checkpoint, save_checkpo
 from opd_lens.cli import main
 from opd_lens.diagnostics import Settings
 from opd_lens.errors import CheckpointNotFoundError, CheckpointWarning, CorruptCheckpointError
-from opd_lens.store import SCALARS
+from opd_lens.schema import SCALARS
 from opd_lens.synthetic import qwen3_config, write_planted_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

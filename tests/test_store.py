@@ -54,6 +54,7 @@ VARIABLES = {
     "angles_u",
     "angles_v",
     "spectral_shift",
+    "channel_energy",
 }
 STEP_SCALARS = ("unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "principal_overlap", "lowmag_overlap")
 END_SCALARS = ("max_angle_u", "max_angle_v", "spectral_shift")
@@ -273,13 +274,13 @@ def test_dataset_coords(computed, runs):
 
 def test_dataset_attrs(computed, runs):
     _, _, ds = computed
-    assert ds.attrs["schema_version"] == 1
+    assert ds.attrs["schema_version"] == 2
     assert ds.attrs["opd_lens_version"] == opd_lens.__version__
     for key, value in SET.asdict().items():
         assert ds.attrs[key] == value, key
-    assert set(ds.attrs["runs"]) == set(runs)
+    assert set(json.loads(ds.attrs["runs"])) == set(runs)
     for name, run in runs.items():
-        spec = ds.attrs["runs"][name]
+        spec = json.loads(ds.attrs["runs"])[name]
         assert Path(spec["origin"]) == run.origin.resolve()
         assert Path(spec["run_dir"]) == run.run_dir.resolve()
         assert spec["method"] == run.method
@@ -291,7 +292,7 @@ def test_dataset_attrs(computed, runs):
             assert Path(entry["path"]) == c.path
             assert entry["fingerprint"] == c.fingerprint
     # the two runs from the SFT anchor name the same origin directory
-    assert ds.attrs["runs"]["opd"]["origin"] == ds.attrs["runs"]["rlvr"]["origin"]
+    assert json.loads(ds.attrs["runs"])["opd"]["origin"] == json.loads(ds.attrs["runs"])["rlvr"]["origin"]
 
 
 def test_numel_coord_is_matrix_size(computed, runs):
@@ -575,7 +576,7 @@ def test_rewritten_checkpoint_is_recomputed_with_its_lock_alignment(tmp_path):
                         at(ds, var, name, s, layer, module), getattr(d, var), rtol=RTOL, atol=ATOL
                     )
         ckpt = open_checkpoint(checkpoint_path(run.run_dir, step, run.layout))
-        assert ds.attrs["runs"][name]["checkpoints"][str(step)]["fingerprint"] == ckpt.fingerprint
+        assert json.loads(ds.attrs["runs"])[name]["checkpoints"][str(step)]["fingerprint"] == ckpt.fingerprint
         lock = direct_lock(diags)
         got = {key: float(at(ds, "lock_alignment", name, *key)) for key in lock}
         wrong = [(key, got[key], v) for key, v in lock.items() if not np.isclose(got[key], v, rtol=1e-4, atol=1e-5)]

@@ -35,7 +35,7 @@ def test_payload_carries_every_metric_cube_exactly(ds):
     assert p["steps"] == [10, 20, 30] and p["layers"] == [0, 1, 2] and len(p["modules"]) == 7
     assert set(p["metrics"]) == {
         "unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "lock_alignment",
-        "principal_overlap", "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift",
+        "principal_overlap", "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift", "channel_energy",
     }  # fmt: skip
     for name, w in p["metrics"].items():
         np.testing.assert_array_equal(unwire(w), ds[name].transpose("run", "step", "layer", "module").values)

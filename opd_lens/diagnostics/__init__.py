@@ -29,6 +29,7 @@ Endpoint spectra (``spectral``)
 Trajectory of ΔW_t (``trajectory``)
     update_fro(dw)          ‖ΔW‖_F.
     stable_rank(s)          ‖ΔW‖_F² / σ_1(ΔW)².
+    channel_energy(s, fro)  Σ_{i≤K} σ_i² / ‖ΔW‖_F², the share of ΔW in its top-K channel.
     hill_alpha(s, k=10)     [ (1/(k−1)) Σ_{i<k} log(σ_i/σ_k) ]⁻¹ over the top-k singular values.
     sim_k(va, vb)           ‖V_aᵀ V_b‖_F² / K for top-K right singular bases, K = 16.
 
@@ -65,10 +66,11 @@ from .matrix import (
 )
 from .spectral import ANGLE_K, principal_angles, spectral_shift
 from .support import ETA, UpdatePass, unchanged_fraction, update_mask, update_pass
-from .trajectory import HILL_K, LOCK_K, hill_alpha, sim_k, stable_rank, update_fro
+from .trajectory import HILL_K, LOCK_K, channel_energy, hill_alpha, sim_k, stable_rank, update_fro
 
 __all__ = [
     "all_finite",
+    "channel_energy",
     "endpoint_factors",
     "gram_svd",
     "krylov_budget",

@@ -18,7 +18,7 @@ from .linalg import Factors, gram_svd, svd64
 from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask
 from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift
 from .support import ETA, UpdatePass, update_pass
-from .trajectory import HILL_K, LOCK_K, hill_alpha, stable_rank
+from .trajectory import HILL_K, LOCK_K, channel_energy, hill_alpha, stable_rank
 
 __all__ = [
     "Settings",
@@ -76,6 +76,7 @@ class MatrixDiagnostics:
     max_angle_u: float
     max_angle_v: float
     spectral_shift: float
+    channel_energy: float
     angles_u: torch.Tensor
     """Principal angles (degrees, ascending) of the left singular subspaces; empty when not computed."""
     angles_v: torch.Tensor
@@ -194,6 +195,7 @@ def assemble(
         max_angle_u=float(angles_u.max()) if angles_u.numel() else nan,
         max_angle_v=float(angles_v.max()) if angles_v.numel() else nan,
         spectral_shift=shift,
+        channel_energy=float(channel_energy(top.s, fro, settings.lock_k)),
         angles_u=angles_u,
         angles_v=angles_v,
         lock_basis=top.v[:, : settings.lock_k],
@@ -227,6 +229,7 @@ def _nonfinite(
         max_angle_u=nan,
         max_angle_v=nan,
         spectral_shift=nan,
+        channel_energy=nan,
         angles_u=torch.empty(0, dtype=torch.float64),
         angles_v=torch.empty(0, dtype=torch.float64),
         lock_basis=torch.full((n, k), nan, dtype=torch.float64),

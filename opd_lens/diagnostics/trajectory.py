@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["HILL_K", "LOCK_K", "update_fro", "delta_fro", "stable_rank", "hill_alpha", "sim_k"]
+__all__ = ["HILL_K", "LOCK_K", "update_fro", "delta_fro", "stable_rank", "channel_energy", "hill_alpha", "sim_k"]
 
 HILL_K = 10
 """Default number k of top singular values in the Hill estimate (the paper leaves k open; third parties use 10)."""
@@ -59,6 +59,18 @@ def stable_rank(s: torch.Tensor, fro: torch.Tensor | float | None = None) -> tor
     s = s.to(torch.float64)
     fro2 = (s * s).sum(-1) if fro is None else torch.as_tensor(fro, dtype=torch.float64, device=s.device) ** 2
     return fro2 / s[..., 0] ** 2
+
+
+def channel_energy(s: torch.Tensor, fro: torch.Tensor | float, k: int = LOCK_K) -> torch.Tensor:
+    """Σ_{i≤K} σ_i² / ‖ΔW‖_F², the share of the update's energy in its top-K singular directions (its channel, the
+    span of V_K), from the descending singular values ``s`` of ΔW (at least the top K) and ‖ΔW‖_F.
+
+    In [0, 1]: 1 when ΔW has rank ≤ K. A fast path's top values may round a few ε above the norm, so the ratio is
+    clipped at 1. NaN for a zero update.
+    """
+    s = s.to(torch.float64)[..., :k]
+    fro2 = torch.as_tensor(fro, dtype=torch.float64, device=s.device) ** 2
+    return ((s * s).sum(-1) / fro2).clamp(max=1.0)
 
 
 def hill_alpha(s: torch.Tensor, k: int = HILL_K, rtol: float | None = None) -> torch.Tensor:

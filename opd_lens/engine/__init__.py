@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from ..errors import CheckpointError, CheckpointWarning
+from ..schema import SCHEMA_VERSION
 from ..store import Store, StoreError
 from .lock import update_lock_alignment
 from .pipeline import StepError, resolve_device, run_dask, run_local
@@ -131,7 +132,7 @@ def _compute_run(store: Store, name: str, device, endpoint, client, progress: bo
             for in_origin in (True, False):
                 if bad := [what for o, what in outcome.nonfinite if o == in_origin]:
                     _warn_nonfinite("the origin" if in_origin else f"step {step}", bad)
-            entry = {"path": str(task.ckpt.path), "fingerprint": task.ckpt.fingerprint}
+            entry = {"path": str(task.ckpt.path), "fingerprint": task.ckpt.fingerprint, "schema": SCHEMA_VERSION}
             store.record(name, {step: {**entry, "endpoint": task.endpoint, "lock_ref": -1}})
             report.steps.append((name, step))
     report.lock_updates += update_lock_alignment(store, name)

@@ -34,7 +34,8 @@ from ..diagnostics import (
     nonfinite_diagnostics,
 )
 from ..errors import CheckpointError
-from ..store import ANGLES, SCALARS, LockBases, Store, matrix_key, write_step
+from ..schema import ANGLES, STEP_SCALARS
+from ..store import LockBases, Store, matrix_key, write_step
 from .origin import OriginCache
 from .plan import RunPlan, StepTask
 
@@ -48,8 +49,6 @@ intra-op thread: their LAPACK calls and selections (``eigh``, ``kthvalue``) keep
 READ_AHEAD_BYTES = 2**26
 """Weights the reader may hold ahead of the compute: 64 MiB, so reading overlaps computing for the many small
 matrices where it matters, and the largest matrices (whose compute dwarfs their read) add no memory."""
-
-STEP_SCALARS = tuple(name for name in SCALARS if name != "lock_alignment")
 
 
 class StepError(CheckpointError):

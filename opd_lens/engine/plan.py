@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
 from ..errors import CheckpointError, CheckpointWarning
+from ..schema import added_after
 from ..store import Store, StoreError
 
 __all__ = ["StepTask", "RunPlan", "plan_run", "endpoint_steps"]
@@ -42,9 +43,11 @@ class RunPlan:
 def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None]) -> RunPlan:
     """What computing run ``name`` of ``store`` involves; ``skip(path, message)`` hears of unreadable checkpoints.
 
-    A checkpoint is left alone when its step is recorded with the same content fingerprint, its V_K bases are
-    cached and, if it is an endpoint step, it holds endpoint metrics (a step that lacks them is recomputed; angles
-    already stored are kept, so a step that was last when computed keeps its angles)."""
+    A checkpoint is left alone when its step is recorded with the same content fingerprint and the current schema,
+    its V_K bases are cached and, if it is an endpoint step, it holds endpoint metrics (a step that lacks them is
+    recomputed; angles already stored are kept, so a step that was last when computed keeps its angles). A step
+    stored before a variable of the schema existed is recomputed to fill it, endpoint metrics included if it had
+    them."""
     spec = store.runs.get(name)
     if spec is None:
         raise StoreError(f"{store.path}: no run named {name!r}; registered: {list(store.runs)}")
@@ -63,7 +66,8 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     for c in ckpts:
         entry = recorded.get(c.step)
         same = entry is not None and entry["fingerprint"] == c.fingerprint
-        if same and bases.has(c.step) and (c.step not in ends or entry["endpoint"]):
+        older = same and bool(added_after(entry.get("schema", 1)))  # stored before a variable existed: fill it
+        if same and not older and bases.has(c.step) and (c.step not in ends or entry["endpoint"]):
             continue
         if entry is not None and not same:
             warnings.warn(
@@ -74,13 +78,13 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
         except CheckpointError as e:
             skip(c.path, f"skipping step {c.step}: {e}")
             continue
-        todo.append((c, refs))
+        todo.append((c, refs, c.step in ends or (older and entry["endpoint"])))  # a recompute keeps its angles
         if entry is not None:
             plan.rewrites.append(c.step)
-    slots = store.step_slots(c.step for c, _ in todo)
-    for c, refs in todo:
+    slots = store.step_slots(c.step for c, *_ in todo)
+    for c, refs, endpoint_metrics in todo:
         slot = slots[c.step]
-        plan.tasks.append(StepTask(c, refs, slot, c.step in ends, slot not in used))
+        plan.tasks.append(StepTask(c, refs, slot, endpoint_metrics, slot not in used))
     plan.stale_lock = list(plan.rewrites)
     if plan.tasks and max({*recorded, *(t.ckpt.step for t in plan.tasks)}) in plan.rewrites:
         plan.stale_lock = sorted(recorded)  # a rewritten final channel: every lock_alignment refers to the old one

@@ -7,21 +7,8 @@ import os
 import numpy as np
 import xarray as xr
 
-from ..store import ANGLES, SCALARS, Store, open_store
-
-LABELS = {
-    "unchanged_frac": "fraction of entries whose bf16 value did not change (bf16-visible update sparsity)",
-    "update_fro": "‖ΔW‖_F, the Frobenius norm of the cumulative update",
-    "stable_rank": "stable rank of ΔW: ‖ΔW‖_F² / ‖ΔW‖_2²",
-    "hill_alpha": "Hill tail index of the singular values of ΔW (top-k)",
-    "lock_alignment": "Sim_K: alignment of ΔW's top-K right singular subspace with the final update's",
-    "principal_overlap": "share of updated entries inside W₀'s principal mask (random baseline: α)",
-    "lowmag_overlap": "share of updated entries inside W₀'s low-magnitude mask (random baseline: α)",
-    "max_angle_u": "largest principal angle (degrees) between W₀'s and W_t's top-k left singular subspaces",
-    "max_angle_v": "largest principal angle (degrees) between W₀'s and W_t's top-k right singular subspaces",
-    "spectral_shift": "‖σ(W_t) − σ(W₀)‖₂ / ‖σ(W₀)‖₂",
-}
-"""One line per metric, shown under the pickers."""
+from ..schema import ANGLES, SCALARS, VARIABLES
+from ..store import Store, open_store
 
 ANGLE_BUDGET = 32 * 2**20
 """Bytes of angle profiles the Explorer ships; beyond it, only each run's last endpoint step."""
@@ -59,7 +46,7 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
         "modules": [str(m) for m in ds.module.values],
         "progress": wire(ds.progress.values),
         "metrics": {m: wire(ds[m].values) for m in metrics},
-        "labels": {m: LABELS[m] for m in metrics},
+        "labels": {m: VARIABLES[m].description for m in metrics},
         "angles": _angles(ds),
         "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
     }

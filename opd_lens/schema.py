@@ -1,0 +1,192 @@
+"""The stored variables of the opd_lens Dataset, defined once.
+
+Every variable the store holds is one :class:`Variable` in :data:`VARIABLES`: its dimensions, when the engine
+computes it, its ``long_name`` and ``units`` (CF conventions: ``"1"`` for a dimensionless quantity) and where its
+formula is documented. The store creates its arrays from this table, the engine fills the per-step ones, and the
+charts and widgets take their labels from it, so a new diagnostic is a line here, its formula in
+:mod:`opd_lens.diagnostics` and its field in :class:`~opd_lens.diagnostics.MatrixDiagnostics`.
+
+A store records the :data:`SCHEMA_VERSION` it was written with; a variable added in a later version (``since``)
+is created in an older store by its next writer, and the steps stored before it are recomputed to fill it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["SCHEMA_VERSION", "Variable", "VARIABLES", "SCALARS", "ANGLES", "STEP_SCALARS", "added_after"]
+
+SCHEMA_VERSION = 2
+"""1: the first release; 2: ``channel_energy``."""
+
+MATRIX_DIMS = ("run", "step", "layer", "module")
+PROFILE_DIMS = (*MATRIX_DIMS, "angle_index")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One stored variable (float32, NaN where not computed)."""
+
+    name: str
+    dims: tuple[str, ...]
+    when: Literal["step", "endpoint", "final"]
+    """``step``: every checkpoint; ``endpoint``: endpoint steps only; ``final``: every checkpoint, against the
+    run's last step, so recomputed when the run gains a new last step."""
+    long_name: str
+    units: str
+    description: str
+    """One line for a reader who meets the variable in a picker."""
+    formula: str
+    """The function whose docstring gives the definition."""
+    since: int = 1
+    """The schema version that added it."""
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        """The variable's attributes in the Dataset."""
+        return {"long_name": self.long_name, "units": self.units, "description": self.description}
+
+    @property
+    def title(self) -> str:
+        """An axis title: the long name, with the unit where it has one."""
+        return f"{self.long_name} (°)" if self.units == "degree" else self.long_name
+
+
+_D = "opd_lens.diagnostics."
+VARIABLES: dict[str, Variable] = {
+    v.name: v
+    for v in (
+        Variable(
+            "unchanged_frac",
+            MATRIX_DIMS,
+            "step",
+            "unchanged fraction of entries (bf16)",
+            "1",
+            "fraction of entries whose bf16 value did not change (bf16-visible update sparsity)",
+            _D + "unchanged_fraction",
+        ),
+        Variable(
+            "update_fro",
+            MATRIX_DIMS,
+            "step",
+            "Frobenius norm of ΔW (weight units)",
+            "1",
+            "‖ΔW‖_F, the Frobenius norm of the cumulative update",
+            _D + "update_fro",
+        ),
+        Variable(
+            "stable_rank",
+            MATRIX_DIMS,
+            "step",
+            "stable rank of ΔW",
+            "1",
+            "stable rank of ΔW: ‖ΔW‖_F² / ‖ΔW‖_2²",
+            _D + "stable_rank",
+        ),
+        Variable(
+            "hill_alpha",
+            MATRIX_DIMS,
+            "step",
+            "Hill tail index α of σ(ΔW)",
+            "1",
+            "Hill tail index of the singular values of ΔW (top-k)",
+            _D + "hill_alpha",
+        ),
+        Variable(
+            "lock_alignment",
+            MATRIX_DIMS,
+            "final",
+            "Sim_K to the final channel",
+            "1",
+            "Sim_K: alignment of ΔW's top-K right singular subspace with the final update's",
+            _D + "sim_k",
+        ),
+        Variable(
+            "principal_overlap",
+            MATRIX_DIMS,
+            "step",
+            "principal-mask overlap (share of updated entries)",
+            "1",
+            "share of updated entries inside W₀'s principal mask (random baseline: α)",
+            _D + "principal_mask",
+        ),
+        Variable(
+            "lowmag_overlap",
+            MATRIX_DIMS,
+            "step",
+            "low-magnitude-mask overlap (share of updated entries)",
+            "1",
+            "share of updated entries inside W₀'s low-magnitude mask (random baseline: α)",
+            _D + "lowmag_mask",
+        ),
+        Variable(
+            "max_angle_u",
+            MATRIX_DIMS,
+            "endpoint",
+            "largest principal angle, U side",
+            "degree",
+            "largest principal angle (degrees) between W₀'s and W_t's top-k left singular subspaces",
+            _D + "principal_angles",
+        ),
+        Variable(
+            "max_angle_v",
+            MATRIX_DIMS,
+            "endpoint",
+            "largest principal angle, V side",
+            "degree",
+            "largest principal angle (degrees) between W₀'s and W_t's top-k right singular subspaces",
+            _D + "principal_angles",
+        ),
+        Variable(
+            "spectral_shift",
+            MATRIX_DIMS,
+            "endpoint",
+            "spectral shift of σ(W) (relative)",
+            "1",
+            "‖σ(W_t) − σ(W₀)‖₂ / ‖σ(W₀)‖₂",
+            _D + "spectral_shift",
+        ),
+        Variable(
+            "channel_energy",
+            MATRIX_DIMS,
+            "step",
+            "share of ‖ΔW‖_F² in its top-K channel",
+            "1",
+            "Σ_{i≤K} σ_i² / ‖ΔW‖_F²: how much of the update lies in its top-K right singular directions (K = lock_k)",
+            _D + "channel_energy",
+            since=2,
+        ),
+        Variable(
+            "angles_u",
+            PROFILE_DIMS,
+            "endpoint",
+            "principal angles, U side",
+            "degree",
+            "principal angles (degrees, ascending) between W₀'s and W_t's top-k left singular subspaces",
+            _D + "principal_angles",
+        ),
+        Variable(
+            "angles_v",
+            PROFILE_DIMS,
+            "endpoint",
+            "principal angles, V side",
+            "degree",
+            "principal angles (degrees, ascending) between W₀'s and W_t's top-k right singular subspaces",
+            _D + "principal_angles",
+        ),
+    )
+}
+"""Every stored variable, in the Dataset's order."""
+
+SCALARS = tuple(name for name, v in VARIABLES.items() if v.dims == MATRIX_DIMS)
+"""Per-matrix variables, dims (run, step, layer, module)."""
+ANGLES = tuple(name for name, v in VARIABLES.items() if v.dims == PROFILE_DIMS)
+"""Angle profiles, dims (run, step, layer, module, angle_index)."""
+STEP_SCALARS = tuple(name for name in SCALARS if VARIABLES[name].when != "final")
+"""The per-matrix variables a step's own compute gives (``lock_alignment`` waits for the run's last step)."""
+
+
+def added_after(version: int) -> list[str]:
+    """The variables that a store of schema ``version`` lacks."""
+    return [name for name, v in VARIABLES.items() if v.since > version]
