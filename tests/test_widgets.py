@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import anywidget
 import numpy as np
 import pytest
 import traitlets
@@ -167,6 +168,26 @@ def test_monitor_flags_exactly_the_points_it_lists(widget_store):
         mon.from_step, mon.stable_rank_band = from_step, rank_band
         assert listed() == flagged()
     assert len(listed()) == 2  # Sim at steps 10 and 20; the latest is never checked
+
+
+def _ts_model_keys(path: Path) -> set[str]:
+    """The member names of ``export interface Model { ... }`` in a TypeScript file (nested types skipped)."""
+    source = re.sub(r"/\*.*?\*/|//[^\n]*", "", path.read_text(), flags=re.S)
+    top, depth = [], 1
+    for c in source.split("export interface Model {", 1)[1]:
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0:
+            break
+        if depth == 1 and c != "}":
+            top.append(c)
+    return set(re.findall(r"^\s*(\w+)\??\s*:", "".join(top), re.M))
+
+
+@pytest.mark.parametrize(("widget", "source"), [(Explorer, "explorer/state.ts"), (LockMonitor, "monitor.ts")])
+def test_the_ts_model_names_every_synced_trait(widget, source):
+    internals = set(anywidget.AnyWidget.class_traits(sync=True))  # ipywidgets' and anywidget's own
+    synced = {name for name in widget.class_traits(sync=True) if name not in internals}
+    assert _ts_model_keys(JS / source) == synced
 
 
 def test_runs_have_the_same_colours_in_widgets_and_charts():
