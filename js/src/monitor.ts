@@ -1,8 +1,8 @@
 // The LockMonitor: stable rank and Sim_K to the latest channel per checkpoint of one run, with alarm bands.
 import type { RenderProps } from "@anywidget/types";
 import { type NDArray, type Wire, decode } from "./codecs";
-import { fmt, linear, ticks } from "./scale";
 import { all, onModel } from "./listen";
+import { fmt, linear, ticks } from "./scale";
 import { axes, bandPath, el, linePath, svg } from "./svg";
 
 interface Series {

@@ -3,7 +3,7 @@ import { type Cleanup, all, onDom, onModel } from "../listen";
 import { el } from "../svg";
 import { type State, navigate } from "./state";
 
-export function controls(st: State, parent: HTMLElement): { follow: () => void; cleanup: Cleanup } {
+export function controls(st: State, parent: HTMLElement) {
   const { model, data } = st;
   const bar = el("div", { className: "opd-controls" }, parent);
   const cleanups: Cleanup[] = [];
