@@ -186,6 +186,23 @@ def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(bro
     page.close()
 
 
+def test_monitor_draws_red_exactly_the_alarms_it_lists(browser, widget_store, tmp_path):
+    # Every stable rank is above 0 and every Sim_K below 1.1, but only the checkpoints from step 20 on alarm.
+    mon = LockMonitor(widget_store, "sft", sim_band=(1.1, None), stable_rank_band=(None, 0.0), from_step=20)
+    steps = [int(a.split()[-1]) for a in mon.alarms]
+    assert steps == [20, 30, 20]  # stable rank at 20 and 30, Sim_K at 20 (the latest is never checked)
+    page, guard = _open_offline(browser, export_html([mon], tmp_path / "monitor.html"))
+    page.locator(".opd-monitor svg").first.wait_for(timeout=60_000)
+    red = page.locator(".opd-monitor circle.opd-alarm title").all_text_contents()
+    assert [t.split(":")[0] for t in red] == [f"step {s}" for s in steps]
+    for chart in page.locator(".opd-monitor .opd-mini").all():  # step 10 is outside both bands, yet not red
+        first = chart.locator("circle").first
+        assert first.text_content().startswith("step 10:") and first.get_attribute("class") == "opd-dot"
+    page.screenshot(path=ARTIFACTS / "monitor-offline.png", full_page=True)
+    assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []
+    page.close()
+
+
 def test_store_report_renders_offline(browser, widget_store, tmp_path):
     from opd_lens import open_store
     from opd_lens.report import store_report

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import anywidget
 import numpy as np
 import pytest
 import traitlets
@@ -10,6 +14,9 @@ from conftest import EVIL_NAME
 
 from opd_lens import Explorer, LockMonitor, open_store
 from opd_lens.widgets._data import explorer_payload, wire
+from opd_lens.widgets.monitor import _breach
+
+JS = Path(__file__).parents[1] / "js" / "src"
 
 
 def unwire(w: dict) -> np.ndarray:
@@ -136,12 +143,56 @@ def test_monitor_waits_for_a_run_not_registered_yet(widget_store):
     assert repr(mon) == "<opd_lens.LockMonitor run='live' checkpoints=0 alarms=0>"
 
 
-def test_runs_have_the_same_colours_in_widgets_and_charts():
-    import re
-    from pathlib import Path
+def test_the_alarm_rule_leaves_open_sides_and_nan_alone():
+    assert _breach(0.5, [0.9, None]) == "< 0.9"
+    assert _breach(5.0, [None, 4.0]) == "> 4"
+    assert _breach(5.0, [None, None]) is None
+    assert _breach(float("nan"), [0.9, None]) is None
 
+
+def test_monitor_flags_exactly_the_points_it_lists(widget_store):
+    mon = LockMonitor(widget_store, "sft", sim_band=(1.1, None), from_step=20)
+    assert unwire(mon._data["lock_alignment"]["mean"])[0] < 1.1  # step 10 leaves the band, but before from_step
+    assert mon._in_alarm == {"stable_rank": [False] * 3, "lock_alignment": [False, True, False]}
+
+    def listed():
+        series = {"stable": "stable_rank", f"Sim_{mon._data['lock_k']}": "lock_alignment"}
+        return [(series[a.split()[0]], int(a.split()[-1])) for a in mon.alarms]
+
+    def flagged():
+        steps = mon._data["steps"]
+        return [(name, s) for name, flags in mon._in_alarm.items() for s, f in zip(steps, flags, strict=True) if f]
+
+    assert listed() == flagged() == [("lock_alignment", 20)]
+    for from_step, rank_band in ((0, [None, 0.0]), (20, [None, 0.0]), (0, [None, None])):
+        mon.from_step, mon.stable_rank_band = from_step, rank_band
+        assert listed() == flagged()
+    assert len(listed()) == 2  # Sim at steps 10 and 20; the latest is never checked
+
+
+def _ts_model_keys(path: Path) -> set[str]:
+    """The member names of ``export interface Model { ... }`` in a TypeScript file (nested types skipped)."""
+    source = re.sub(r"/\*.*?\*/|//[^\n]*", "", path.read_text(), flags=re.S)
+    top, depth = [], 1
+    for c in source.split("export interface Model {", 1)[1]:
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0:
+            break
+        if depth == 1 and c != "}":
+            top.append(c)
+    return set(re.findall(r"^\s*(\w+)\??\s*:", "".join(top), re.M))
+
+
+@pytest.mark.parametrize(("widget", "source"), [(Explorer, "explorer/state.ts"), (LockMonitor, "monitor.ts")])
+def test_the_ts_model_names_every_synced_trait(widget, source):
+    internals = set(anywidget.AnyWidget.class_traits(sync=True))  # ipywidgets' and anywidget's own
+    synced = {name for name in widget.class_traits(sync=True) if name not in internals}
+    assert _ts_model_keys(JS / source) == synced
+
+
+def test_runs_have_the_same_colours_in_widgets_and_charts():
     from opd_lens.charts import PALETTE
 
-    source = (Path(__file__).parents[1] / "js" / "src" / "scale.ts").read_text()
+    source = (JS / "scale.ts").read_text()
     block = source.split("export const RUN_COLORS = [", 1)[1].split("];", 1)[0]
     assert tuple(re.findall(r'"(#[0-9a-f]{6})"', block)) == PALETTE

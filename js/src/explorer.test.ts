@@ -1,5 +1,7 @@
 import { wire, FakeModel } from "./fake";
-import explorer, { type Model, type Payload, cellValue, decodePayload, grids, navigate, trajectory } from "./explorer";
+import explorer from "./explorer";
+import { type Model, type Payload, cellValue, decodePayload, grids, navigate } from "./explorer/state";
+import { trajectory } from "./explorer/trajectory";
 
 const EVIL = "<img src=x onerror=alert(1)>";
 
@@ -146,5 +148,15 @@ describe("Explorer view", () => {
     expect(tip?.hidden).toBe(false);
     expect(tip?.textContent).toContain("stable_rank = 1");
     expect(host.querySelector(".opd-hover-line")).not.toBeNull();
+  });
+  it("its cleanup removes every model listener and what it drew", () => {
+    const { host, model, cleanup } = mount();
+    const root = host.querySelector<HTMLElement>(".opd-explorer");
+    expect(model.listening).toBeGreaterThan(0);
+    cleanup();
+    expect(model.listening).toBe(0);
+    expect(host.childElementCount).toBe(0);
+    root?.dispatchEvent(new KeyboardEvent("keydown", { key: "ArrowLeft", bubbles: true }));
+    expect(model.get("selection").step).toBe(30);
   });
 });

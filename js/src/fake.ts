@@ -16,7 +16,13 @@ export class FakeModel<T extends object> {
     if (!this.listeners.has(event)) this.listeners.set(event, new Set());
     this.listeners.get(event)?.add(f);
   }
-  off(): void {}
+  off(event: string, f: () => void): void {
+    this.listeners.get(event)?.delete(f);
+  }
+  /** How many listeners are registered, over all events. */
+  get listening(): number {
+    return [...this.listeners.values()].reduce((n, s) => n + s.size, 0);
+  }
   save_changes(): void {
     this.saved++;
   }

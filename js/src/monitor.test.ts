@@ -1,5 +1,5 @@
 import { wire, FakeModel } from "./fake";
-import monitor, { type Model, outside } from "./monitor";
+import monitor, { type Model } from "./monitor";
 
 const series = (mean: number[]) => ({
   mean: wire(mean, [mean.length]),
@@ -8,18 +8,15 @@ const series = (mean: number[]) => ({
 });
 
 describe("LockMonitor view", () => {
-  it("open band sides never alarm", () => {
-    expect(outside(0.5, [0.9, null])).toBe(true);
-    expect(outside(5, [null, null])).toBe(false);
-    expect(outside(NaN, [0.9, null])).toBe(false);
-  });
   it("draws both series, marks points out of band and shows the alarms", () => {
     const model = new FakeModel<Model>({
       run: "<b>opd</b>",
       _data: { steps: [10, 20, 30], stable_rank: series([4, 5, 6]), lock_alignment: series([0.5, 0.95, 1]), lock_k: 16 },
       stable_rank_band: [null, null],
       sim_band: [0.9, null],
+      from_step: 0,
       alarms: ["Sim_16 0.5 < 0.9 at step 10"],
+      _in_alarm: { stable_rank: [false, false, false], lock_alignment: [true, false, false] },
     });
     const host = document.createElement("div");
     monitor.render({ model, el: host } as never);
@@ -30,5 +27,26 @@ describe("LockMonitor view", () => {
     expect(host.querySelectorAll("rect.opd-band").length).toBe(1);
     model.set("alarms", []);
     expect(host.querySelector(".opd-status")?.textContent).toBe("within the bands");
+  });
+  it("draws red the points Python flags, not every point outside a band", () => {
+    const model = new FakeModel<Model>({
+      run: "opd",
+      _data: { steps: [10, 20, 30], stable_rank: series([4, 5, 6]), lock_alignment: series([0.5, 0.8, 1]), lock_k: 16 },
+      stable_rank_band: [null, null],
+      sim_band: [0.9, null],
+      from_step: 20, // step 10 is outside the band but before from_step
+      alarms: ["Sim_16 0.8 < 0.9 at step 20"],
+      _in_alarm: { stable_rank: [false, false, false], lock_alignment: [false, true, false] },
+    });
+    const host = document.createElement("div");
+    const cleanup = monitor.render({ model, el: host } as never);
+    const red = () => Array.from(host.querySelectorAll("circle.opd-alarm"), (c) => c.textContent?.split(":")[0]);
+    expect(red()).toEqual(["step 20"]);
+    model.set("_in_alarm", { stable_rank: [false, false, false], lock_alignment: [true, true, false] }); // redrawn as flagged
+    expect(red()).toEqual(["step 10", "step 20"]);
+    expect(model.listening).toBeGreaterThan(0);
+    cleanup();
+    expect(model.listening).toBe(0);
+    expect(host.childElementCount).toBe(0);
   });
 });

@@ -1,6 +1,7 @@
 // The LockMonitor: stable rank and Sim_K to the latest channel per checkpoint of one run, with alarm bands.
 import type { RenderProps } from "@anywidget/types";
 import { type NDArray, type Wire, decode } from "./codecs";
+import { all, onModel } from "./listen";
 import { fmt, linear, ticks } from "./scale";
 import { axes, bandPath, el, linePath, svg } from "./svg";
 
@@ -10,23 +11,27 @@ interface Series {
   max: Wire;
 }
 
+type Band = [number | null, number | null];
+
 export interface Model {
   run: string;
   _data: { steps: number[]; stable_rank: Series; lock_alignment: Series; lock_k: number };
-  stable_rank_band: [number | null, number | null];
-  sim_band: [number | null, number | null];
+  stable_rank_band: Band;
+  sim_band: Band;
+  from_step: number;
   alarms: string[];
+  /** Per series, whether each checkpoint is in alarm: Python's rule, drawn as it says. */
+  _in_alarm: { stable_rank: boolean[]; lock_alignment: boolean[] };
 }
 
-type Band = [number | null, number | null];
-
-/** Whether v lies outside the band (a null side is open). */
-export function outside(v: number, band: Band): boolean {
-  const [lo, hi] = band;
-  return Number.isFinite(v) && ((lo !== null && v < lo) || (hi !== null && v > hi));
-}
-
-function chart(parent: Element, title: string, steps: number[], s: Record<"mean" | "min" | "max", NDArray>, band: Band) {
+function chart(
+  parent: Element,
+  title: string,
+  steps: number[],
+  s: Record<"mean" | "min" | "max", NDArray>,
+  band: Band,
+  alarm: boolean[],
+) {
   const box = el("div", { className: "opd-mini" }, parent);
   el("div", { className: "opd-panel-title", text: title }, box);
   const f = { width: 360, height: 190, margin: { top: 10, right: 12, bottom: 30, left: 52 } };
@@ -49,7 +54,7 @@ function chart(parent: Element, title: string, steps: number[], s: Record<"mean"
   steps.forEach((step, i) => {
     const v = s.mean.data[i];
     if (!Number.isFinite(v)) return;
-    const dot = svg("circle", { cx: x(step), cy: y(v), r: 3.5, class: outside(v, band) ? "opd-dot opd-alarm" : "opd-dot" }, plot);
+    const dot = svg("circle", { cx: x(step), cy: y(v), r: 3.5, class: alarm[i] ? "opd-dot opd-alarm" : "opd-dot" }, plot);
     svg("title", {}, dot).textContent = `step ${step}: ${fmt(v)} (min ${fmt(s.min.data[i])}, max ${fmt(s.max.data[i])})`;
   });
 }
@@ -67,11 +72,17 @@ function render({ model, el: host }: RenderProps<Model>) {
     const status = el("div", { className: alarms.length ? "opd-status opd-alarm" : "opd-status" }, root);
     status.textContent = alarms.length ? alarms.join(" · ") : "within the bands";
     const row = el("div", { className: "opd-detail-row" }, root);
-    chart(row, "stable rank of ΔW (mean, min–max over matrices)", d.steps, series(d.stable_rank), model.get("stable_rank_band"));
-    chart(row, `Sim_${d.lock_k} to the latest channel`, d.steps, series(d.lock_alignment), model.get("sim_band"));
+    const flags = model.get("_in_alarm");
+    for (const [name, title, band] of [
+      ["stable_rank", "stable rank of ΔW (mean, min–max over matrices)", "stable_rank_band"],
+      ["lock_alignment", `Sim_${d.lock_k} to the latest channel`, "sim_band"],
+    ] as const)
+      chart(row, title, d.steps, series(d[name]), model.get(band), flags[name]);
   };
-  for (const key of ["_data", "alarms", "stable_rank_band", "sim_band", "run"] as const) model.on(`change:${key}`, draw);
+  const keys = ["_data", "alarms", "_in_alarm", "stable_rank_band", "sim_band", "run"] as const;
+  const cleanup = all([...keys.map((key) => onModel(model, `change:${key}`, draw)), () => root.remove()]);
   draw();
+  return cleanup;
 }
 
 export default { render };

@@ -64,6 +64,13 @@ export interface Frame {
   margin: { top: number; right: number; bottom: number; left: number };
 }
 
+/** A frame with room for the tick labels below and on the left. */
+export const frame = (width: number, height: number): Frame => ({
+  width,
+  height,
+  margin: { top: 10, right: 10, bottom: 30, left: 52 },
+});
+
 /** Axes with round ticks; returns the plot group. */
 export function axes(
   root: SVGSVGElement,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 
@@ -25,8 +24,8 @@ class LockMonitor(anywidget.AnyWidget):
     Feed it with ``opd-lens watch`` (or the training callback) writing to ``store`` and call :meth:`refresh`, or
     :meth:`follow` to poll. ``run`` need not be in the store yet: until its first checkpoint is computed the view
     waits (a live run is registered only once it has saved a checkpoint). A checkpoint (from ``from_step`` on)
-    whose mean over matrices leaves a band raises an alarm, listed in :attr:`alarms`. Sim_K is measured against the
-    latest checkpoint, so the latest itself is 1 and is not checked.
+    whose mean over matrices leaves a band raises an alarm, listed in :attr:`alarms` and drawn red. Sim_K is
+    measured against the latest checkpoint, so the latest itself is 1 and is not checked.
     """
 
     _esm = STATIC / "monitor.js"
@@ -41,6 +40,7 @@ class LockMonitor(anywidget.AnyWidget):
     alarms = traitlets.List(traitlets.Unicode(), read_only=True, help="one message per value out of its band").tag(
         sync=True
     )
+    _in_alarm = traitlets.Dict(read_only=True, help="per series, whether each checkpoint is in alarm").tag(sync=True)
 
     def __init__(
         self,
@@ -102,19 +102,31 @@ class LockMonitor(anywidget.AnyWidget):
             self._thread = None
 
     def _check(self) -> None:
+        """Set :attr:`alarms` and the per-checkpoint flags the view draws red: the one alarm rule."""
         steps = self._data["steps"]
-        found = []
+        found, flags = [], {}
         for name, band, label in (
             ("stable_rank", self.stable_rank_band, "stable rank"),
             ("lock_alignment", self.sim_band, f"Sim_{self._data['lock_k']}"),
         ):
             means = np.frombuffer(self._data[name]["mean"]["view"], np.float32)
             checked = steps[:-1] if name == "lock_alignment" else steps
-            for step, v in zip(checked, means, strict=False):
-                if step < self.from_step or math.isnan(v):
-                    continue
-                if band[0] is not None and v < band[0]:
-                    found.append(f"{label} {v:.3g} < {band[0]:g} at step {step}")
-                elif band[1] is not None and v > band[1]:
-                    found.append(f"{label} {v:.3g} > {band[1]:g} at step {step}")
-        self.set_trait("alarms", found)
+            flags[name] = [False] * len(steps)
+            for i, (step, v) in enumerate(zip(checked, means, strict=False)):
+                breach = None if step < self.from_step else _breach(float(v), band)
+                if breach:
+                    flags[name][i] = True
+                    found.append(f"{label} {v:.3g} {breach} at step {step}")
+        with self.hold_sync():
+            self.set_trait("alarms", found)
+            self.set_trait("_in_alarm", flags)
+
+
+def _breach(v: float, band: list) -> str | None:
+    """How ``v`` leaves ``[low, high]`` (``"< low"`` or ``"> high"``), or None: inside, NaN, or on an open side."""
+    low, high = band
+    if low is not None and v < low:
+        return f"< {low:g}"
+    if high is not None and v > high:
+        return f"> {high:g}"
+    return None

@@ -1,0 +1,62 @@
+// The Explorer's controls: metric, module and colour pickers, the step scrubber, and keyboard navigation.
+import { type Cleanup, all, onDom, onModel } from "../listen";
+import { el } from "../svg";
+import { type State, navigate } from "./state";
+
+export function controls(st: State, parent: HTMLElement) {
+  const { model, data } = st;
+  const bar = el("div", { className: "opd-controls" }, parent);
+  const cleanups: Cleanup[] = [];
+  const picker = (label: string, options: [string, string][], key: "metric" | "module" | "scale") => {
+    const wrap = el("label", { text: `${label} ` }, bar);
+    const select = el("select", {}, wrap);
+    select.setAttribute("aria-label", label);
+    for (const [value, text] of options) {
+      const o = el("option", { text }, select);
+      o.value = value;
+    }
+    select.value = model.get(key);
+    cleanups.push(
+      onDom(select, "change", () => {
+        model.set(key, select.value as never);
+        model.save_changes();
+      }),
+      onModel(model, `change:${key}`, () => {
+        select.value = model.get(key);
+      }),
+    );
+  };
+  picker("metric", Object.keys(data.metrics).map((m) => [m, m]), "metric");
+  picker("module", [["", "mean of modules"], ...data.modules.map((m): [string, string] => [m, m])], "module");
+  picker("colour", [["linear", "linear"], ["log", "log"]], "scale");
+  const scrubLabel = el("label", { text: "step " }, bar);
+  const scrub = el("input", {}, scrubLabel);
+  scrub.type = "range";
+  scrub.setAttribute("aria-label", "step");
+  const scrubText = el("span", { className: "opd-step" }, scrubLabel);
+
+  cleanups.push(
+    onDom(scrub, "input", () => {
+      const s = st.selection;
+      const r = data.runs.indexOf(s.run);
+      st.select({ ...s, step: data.steps[data.runSteps[r][Number(scrub.value)]] });
+    }),
+    onDom(st.root, "keydown", (ev) => {
+      const next = navigate(data, st.selection, ev.key);
+      if (!next) return;
+      ev.preventDefault();
+      st.select(next);
+    }),
+  );
+
+  /** Move the scrubber to the selected step of the selected run. */
+  const follow = () => {
+    const s = st.selection;
+    const steps = data.runSteps[data.runs.indexOf(s.run)];
+    scrub.min = "0";
+    scrub.max = String(Math.max(0, steps.length - 1));
+    scrub.value = String(Math.max(0, steps.findIndex((k) => data.steps[k] === s.step)));
+    scrubText.textContent = `${s.step} of ${s.run}`;
+  };
+  return { follow, cleanup: all([...cleanups, () => bar.remove()]) };
+}

@@ -1,0 +1,144 @@
+// The Explorer's heatmaps: one layer × step canvas per run on a shared colour scale, its legend, the tooltip and
+// the mark on the selected cell.
+import { at } from "../codecs";
+import { type Cleanup, all, onDom } from "../listen";
+import { fmt, paint, runColor } from "../scale";
+import { el } from "../svg";
+import type { State } from "./state";
+
+const HEAT_HEIGHT = 150;
+
+/** `onHover` runs when the hovered row (`st.hover`) changes. */
+export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
+  const { model, data, root } = st;
+  const description = el("div", { className: "opd-description" }, parent);
+  const heat = el("div", { className: "opd-heatmaps" }, parent);
+  const legend = el("div", { className: "opd-legend" }, parent);
+  const tooltip = el("div", { className: "opd-tooltip" }, parent);
+  tooltip.hidden = true;
+  let canvases: Cleanup[] = []; // the listeners on the canvases drawn last
+  const hover = (h: State["hover"]) => {
+    st.hover = h;
+    onHover();
+  };
+
+  function draw() {
+    all(canvases)();
+    canvases = [];
+    const metric = model.get("metric");
+    description.textContent = data.labels[metric] ?? "";
+    heat.replaceChildren();
+    const nL = data.layers.length;
+    data.runs.forEach((run, r) => {
+      const grid = st.grids[r];
+      const nS = data.runSteps[r].length;
+      const panel = el("figure", { className: "opd-panel" }, heat);
+      const title = el("figcaption", {}, panel);
+      el("span", { className: "opd-swatch" }, title).style.background = runColor(r);
+      el("span", { text: run }, title);
+      el("span", { className: "opd-method", text: data.methods[r] }, title);
+      const canvas = el("canvas", { className: "opd-heat" }, panel);
+      canvas.dataset.run = run;
+      canvas.width = Math.max(nS, 1);
+      canvas.height = nL;
+      canvas.style.height = `${HEAT_HEIGHT}px`;
+      const ctx = canvas.getContext("2d");
+      if (ctx && nS) {
+        const img = ctx.createImageData(nS, nL);
+        for (let i = 0; i < nL * nS; i++) paint(img.data, 4 * i, st.scale.unit(grid[i]));
+        ctx.putImageData(img, 0, 0);
+      }
+      const axis = el("div", { className: "opd-xaxis" }, panel);
+      el("span", { text: nS ? `step ${data.steps[data.runSteps[r][0]]}` : "no steps" }, axis);
+      el("span", { text: nS ? `${data.steps[data.runSteps[r][nS - 1]]}` : "" }, axis);
+      const mark = el("div", { className: "opd-mark" }, panel);
+      mark.dataset.run = run;
+      const locate = (ev: MouseEvent) => {
+        const box = canvas.getBoundingClientRect();
+        const j = Math.min(nS - 1, Math.max(0, Math.floor(((ev.clientX - box.left) / box.width) * nS)));
+        const l = Math.min(nL - 1, Math.max(0, Math.floor(((ev.clientY - box.top) / box.height) * nL)));
+        return { j, l };
+      };
+      canvases.push(
+        onDom(canvas, "mousemove", (ev) => {
+          if (!nS) return;
+          const { j, l } = locate(ev);
+          const s = data.runSteps[r][j];
+          tooltip.replaceChildren();
+          el("div", { className: "opd-tip-title", text: run }, tooltip);
+          for (const line of [
+            `layer ${data.layers[l]} · ${model.get("module") || "mean of modules"}`,
+            `step ${data.steps[s]} (progress ${fmt(at(data.progress, r, s))})`,
+            `${model.get("metric")} = ${fmt(grid[l * nS + j])}`,
+          ])
+            el("div", { text: line }, tooltip);
+          tooltip.hidden = false;
+          const rootBox = root.getBoundingClientRect();
+          tooltip.style.left = `${ev.clientX - rootBox.left + 12}px`;
+          tooltip.style.top = `${ev.clientY - rootBox.top + 12}px`;
+          if (st.hover?.run !== r || st.hover.layer !== l) hover({ run: r, layer: l });
+        }),
+        onDom(canvas, "mouseleave", () => {
+          tooltip.hidden = true;
+          hover(null);
+        }),
+        onDom(canvas, "click", (ev) => {
+          if (!nS) return;
+          const { j, l } = locate(ev);
+          const mod = model.get("module") || st.selection.module;
+          st.select({ run, layer: data.layers[l], module: mod, step: data.steps[data.runSteps[r][j]] });
+          root.focus();
+        }),
+      );
+    });
+    drawLegend();
+  }
+
+  function drawLegend() {
+    legend.replaceChildren();
+    const bar = el("canvas", { className: "opd-ramp" }, legend);
+    bar.width = 256;
+    bar.height = 1;
+    const ctx = bar.getContext("2d");
+    if (ctx) {
+      const img = ctx.createImageData(256, 1);
+      for (let i = 0; i < 256; i++) paint(img.data, 4 * i, i / 255);
+      ctx.putImageData(img, 0, 0);
+    }
+    legend.prepend(el("span", { text: `${model.get("metric")}${st.scale.kind === "log" ? " (log)" : ""}:` }));
+    bar.before(el("span", { text: fmt(st.scale.lo) }));
+    bar.after(el("span", { text: fmt(st.scale.hi) }));
+    const nan = el("span", { className: "opd-nan", text: "not computed / not applicable" }, legend);
+    nan.title = "NaN in the Dataset";
+  }
+
+  /** Put the mark on the selected cell (hidden on the other runs). */
+  function mark() {
+    const s = st.selection;
+    for (const mark of heat.querySelectorAll<HTMLDivElement>(".opd-mark")) {
+      const r = data.runs.indexOf(mark.dataset.run ?? "");
+      const steps = data.runSteps[r];
+      const j = steps.findIndex((k) => data.steps[k] === s.step);
+      const l = data.layers.indexOf(s.layer);
+      mark.hidden = mark.dataset.run !== s.run || j < 0 || l < 0;
+      if (mark.hidden) continue;
+      const canvas = mark.parentElement?.querySelector("canvas");
+      const w = canvas?.clientWidth ?? 0;
+      const top = canvas?.offsetTop ?? 0;
+      const left = canvas?.offsetLeft ?? 0;
+      mark.style.left = `${left + (j / steps.length) * w}px`;
+      mark.style.width = `${Math.max(2, w / steps.length)}px`;
+      mark.style.top = `${top + (l / data.layers.length) * HEAT_HEIGHT}px`;
+      mark.style.height = `${Math.max(2, HEAT_HEIGHT / data.layers.length)}px`;
+    }
+  }
+
+  const observer = new ResizeObserver(mark);
+  observer.observe(heat);
+  const cleanup = () => {
+    all(canvases)();
+    observer.disconnect();
+    for (const e of [description, heat, legend, tooltip]) e.remove();
+  };
+  return { draw, mark, cleanup };
+}

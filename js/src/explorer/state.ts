@@ -1,0 +1,145 @@
+// What the Explorer's panels share: the synced model, the decoded payload, the selection and the current grids.
+import type { AnyModel } from "@anywidget/types";
+import { type NDArray, type Wire, at, decode } from "../codecs";
+import { type ColorScale, type ScaleKind, colorScale } from "../scale";
+
+export interface Selection {
+  run: string;
+  layer: number;
+  module: string;
+  step: number;
+}
+
+export interface Payload {
+  runs: string[];
+  methods: string[];
+  steps: number[];
+  layers: number[];
+  modules: string[];
+  progress: Wire;
+  metrics: Record<string, Wire>;
+  labels: Record<string, string>;
+  angles: { u: Wire; v: Wire; steps: number[] } | null;
+  mask_alpha: number;
+}
+
+export interface Model {
+  _data: Payload;
+  metric: string;
+  module: string; // "" = mean over modules
+  scale: ScaleKind;
+  selection: Selection;
+}
+
+/** The payload with its arrays decoded. */
+export interface Data {
+  runs: string[];
+  methods: string[];
+  steps: number[];
+  layers: number[];
+  modules: string[];
+  progress: NDArray;
+  metrics: Record<string, NDArray>;
+  labels: Record<string, string>;
+  angles: { u: NDArray; v: NDArray; steps: number[] } | null;
+  maskAlpha: number;
+  /** Per run, the indices into `steps` where the run has a checkpoint. */
+  runSteps: number[][];
+}
+
+export function decodePayload(p: Payload): Data {
+  const progress = decode(p.progress);
+  const runSteps = p.runs.map((_, r) => p.steps.map((_, s) => s).filter((s) => Number.isFinite(at(progress, r, s))));
+  const metrics: Record<string, NDArray> = {};
+  for (const [k, w] of Object.entries(p.metrics)) metrics[k] = decode(w);
+  const angles = p.angles ? { u: decode(p.angles.u), v: decode(p.angles.v), steps: p.angles.steps } : null;
+  return { ...p, progress, metrics, angles, maskAlpha: p.mask_alpha, runSteps };
+}
+
+/** Values of `metric` for (run, step index, layer index): one module, or the NaN-skipping mean over modules. */
+export function cellValue(d: Data, metric: string, module: string, r: number, s: number, l: number): number {
+  const a = d.metrics[metric];
+  if (module !== "") return at(a, r, s, l, d.modules.indexOf(module));
+  let sum = 0;
+  let n = 0;
+  for (let m = 0; m < d.modules.length; m++) {
+    const v = at(a, r, s, l, m);
+    if (Number.isFinite(v)) {
+      sum += v;
+      n++;
+    }
+  }
+  return n ? sum / n : NaN;
+}
+
+/** Per run: the grid [layer][step of that run] of the chosen metric/module, and its flat values. */
+export function grids(d: Data, metric: string, module: string): Float32Array[] {
+  return d.runs.map((_, r) => {
+    const steps = d.runSteps[r];
+    const out = new Float32Array(d.layers.length * steps.length);
+    for (let l = 0; l < d.layers.length; l++)
+      for (let j = 0; j < steps.length; j++) out[l * steps.length + j] = cellValue(d, metric, module, r, steps[j], l);
+    return out;
+  });
+}
+
+/** The selection moved by a key, or null when the key is not a navigation key. */
+export function navigate(d: Data, sel: Selection, key: string): Selection | null {
+  const r = d.runs.indexOf(sel.run);
+  const steps = d.runSteps[r].map((s) => d.steps[s]);
+  const j = steps.indexOf(sel.step);
+  const l = d.layers.indexOf(sel.layer);
+  const clamp = (i: number, n: number) => Math.max(0, Math.min(n - 1, i));
+  switch (key) {
+    case "ArrowLeft":
+    case "ArrowRight":
+      return { ...sel, step: steps[clamp(j + (key === "ArrowRight" ? 1 : -1), steps.length)] };
+    case "ArrowUp":
+    case "ArrowDown":
+      return { ...sel, layer: d.layers[clamp(l + (key === "ArrowDown" ? 1 : -1), d.layers.length)] };
+    case "PageUp":
+    case "PageDown": {
+      const r2 = clamp(r + (key === "PageDown" ? 1 : -1), d.runs.length);
+      const steps2 = d.runSteps[r2].map((s) => d.steps[s]);
+      const step = steps2.includes(sel.step) ? sel.step : steps2[steps2.length - 1];
+      return { ...sel, run: d.runs[r2], step };
+    }
+    default:
+      return null;
+  }
+}
+
+/** One Explorer view's state; the panels read it, and the heatmaps set `hover`. */
+export class State {
+  readonly data: Data;
+  /** Per run, the grid of the chosen metric and module (see `grids`), and the colour scale the runs share. */
+  grids: Float32Array[] = [];
+  scale: ColorScale = colorScale([], "linear");
+  /** The heatmap row under the pointer. */
+  hover: { run: number; layer: number } | null = null;
+
+  constructor(
+    readonly model: AnyModel<Model>,
+    readonly root: HTMLElement,
+  ) {
+    this.data = decodePayload(model.get("_data"));
+  }
+
+  /** The selected matrix and step (Python validates it and always sets one). */
+  get selection(): Selection {
+    return this.model.get("selection");
+  }
+
+  select(s: Selection): void {
+    this.model.set("selection", s);
+    this.model.save_changes();
+  }
+
+  /** Recompute the grids and their colour scale for the model's metric, module and scale. */
+  regrid(): void {
+    this.grids = grids(this.data, this.model.get("metric"), this.model.get("module"));
+    const all = new Float32Array(this.grids.reduce((n, g) => n + g.length, 0));
+    this.grids.reduce((off, g) => (all.set(g, off), off + g.length), 0);
+    this.scale = colorScale(all, this.model.get("scale"));
+  }
+}
