@@ -297,8 +297,8 @@ def _open(path: Path, step: int | None, allow_pickle: bool) -> Checkpoint:
         if weights.format == "pickle" and not allow_pickle:
             raise CheckpointNotFoundError(
                 f"{weights.paths[0]}: a pickle checkpoint; opd_lens reads safetensors only by default, since loading "
-                f"a pickle can run code. Convert it to safetensors, or opt in (opd-lens --allow-pickle or "
-                f"{PICKLE_ENV}=1, or allow_pickle=True) to load it with torch.load(weights_only=True)"
+                f"a pickle can run code. Convert it to safetensors, or opt in (--allow-pickle or {PICKLE_ENV}=1 on "
+                "the command line, allow_pickle=True in Python) to load it with torch.load(weights_only=True)"
             )
         read = _read_header if weights.format == "safetensors" else _pickle_header
         tensors = {}

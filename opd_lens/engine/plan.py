@@ -39,9 +39,7 @@ class RunPlan:
     the final channel itself is rewritten."""
 
 
-def plan_run(
-    store: Store, name: str, endpoint, skip: Callable[[Path, str], None], allow_pickle: bool = False
-) -> RunPlan:
+def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None], allow_pickle: bool) -> RunPlan:
     """What computing run ``name`` of ``store`` involves; ``skip(path, message)`` hears of unreadable checkpoints.
 
     A checkpoint is left alone when its step is recorded with the same content fingerprint, its V_K bases are
