@@ -28,10 +28,12 @@ class Store(storage.Store):
         origin: str | os.PathLike,
         method: str | None = None,
         include_globals: bool = False,
+        *,
+        allow_pickle: bool = False,
     ) -> None:
         """Register a run: its checkpoint directory, its origin W_0 and its method label (default: ``name``); see
         :func:`opd_lens.engine.add_run`."""
-        engine.add_run(self, name, run_dir, origin, method, include_globals)
+        engine.add_run(self, name, run_dir, origin, method, include_globals, allow_pickle=allow_pickle)
 
     def compute(
         self,
@@ -41,9 +43,18 @@ class Store(storage.Store):
         endpoint: str | Sequence[int] = "last",
         client=None,
         progress: bool = True,
+        allow_pickle: bool = False,
     ) -> engine.ComputeReport:
         """Compute every checkpoint not yet stored; see :func:`opd_lens.engine.compute_store`."""
-        return engine.compute_store(self, runs=runs, device=device, endpoint=endpoint, client=client, progress=progress)
+        return engine.compute_store(
+            self,
+            runs=runs,
+            device=device,
+            endpoint=endpoint,
+            client=client,
+            progress=progress,
+            allow_pickle=allow_pickle,
+        )
 
 
 def open_store(path: str | os.PathLike, settings: Settings | None = None, *, create: bool = True) -> Store:
@@ -60,13 +71,15 @@ def compute(
     name: str,
     method: str | None = None,
     settings: Settings | None = None,
+    allow_pickle: bool = False,
     **kwargs,
 ) -> xr.Dataset:
     """One call: open (or create) ``store``, register the run, compute what is new of it and return the Dataset.
 
-    ``kwargs`` go to :func:`opd_lens.engine.compute_store` (``device``, ``endpoint``, ``client``, ``progress``).
+    ``kwargs`` go to :func:`opd_lens.engine.compute_store` (``device``, ``endpoint``, ``client``, ``progress``);
+    ``allow_pickle``: see :func:`opd_lens.checkpoints.open_checkpoint`.
     """
     s = store if isinstance(store, storage.Store) else open_store(store, settings)
-    engine.add_run(s, name, run_dir, origin, method)
-    engine.compute_store(s, runs=[name], **kwargs)
+    engine.add_run(s, name, run_dir, origin, method, allow_pickle=allow_pickle)
+    engine.compute_store(s, runs=[name], allow_pickle=allow_pickle, **kwargs)
     return s.dataset()

@@ -16,7 +16,7 @@ import pandas as pd
 from ._version import __version__
 from .api import Store, open_store
 from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
-from .checkpoints.reader import PICKLE_ENV
+from .checkpoints.formats import PICKLE_ENV
 from .diagnostics import Settings
 from .errors import OpdLensError
 from .store import StoreError
@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
-    if getattr(args, "allow_pickle", False):
-        os.environ[PICKLE_ENV] = "1"  # read wherever checkpoints are opened, Dask workers started later included
+    if hasattr(args, "allow_pickle"):  # the flag, or the environment variable: read here only
+        args.allow_pickle = args.allow_pickle or os.environ.get(PICKLE_ENV, "0") not in ("", "0")
     try:
         return args.func(args) or 0
     except OpdLensError as e:
@@ -186,13 +186,19 @@ def _open(args: argparse.Namespace) -> Store:
     for key, value in given.items():
         if getattr(store.settings, key) != value:
             raise StoreError(f"{args.store}: the store uses {key}={getattr(store.settings, key)}, not {value}")
-    store.add_run(args.name, args.run_dir, args.origin, args.method)
+    store.add_run(args.name, args.run_dir, args.origin, args.method, allow_pickle=args.allow_pickle)
     return store
 
 
 def _compute(args: argparse.Namespace) -> int:
     store = _open(args)
-    report = store.compute(runs=[args.name], device=args.device, endpoint=args.endpoint, progress=not args.quiet)
+    report = store.compute(
+        runs=[args.name],
+        device=args.device,
+        endpoint=args.endpoint,
+        progress=not args.quiet,
+        allow_pickle=args.allow_pickle,
+    )
     done = "steps " + ", ".join(str(step) for _, step in report.steps) if report.steps else "nothing new"
     print(f"{args.name}: computed {done}; {report.matrices_read} matrices read; store {args.store}")
     return 2 if report.skipped else 0  # each skipped checkpoint was one warning line
@@ -216,7 +222,7 @@ def _watch(args: argparse.Namespace) -> None:
     )
     try:
         while True:
-            report = store.compute(runs=[args.name], device=args.device, progress=False)
+            report = store.compute(runs=[args.name], device=args.device, progress=False, allow_pickle=args.allow_pickle)
             if report.steps:
                 row = summarize(store.dataset()).loc[args.name]
                 steps = ", ".join(str(s) for _, s in report.steps)
@@ -236,8 +242,8 @@ def _relocate(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    ckpts = find_checkpoints(args.run_dir)
-    origin = open_checkpoint(args.origin) if args.origin else None
+    ckpts = find_checkpoints(args.run_dir, allow_pickle=args.allow_pickle)
+    origin = open_checkpoint(args.origin, allow_pickle=args.allow_pickle) if args.origin else None
     print(f"{args.run_dir}: {len(ckpts)} checkpoint(s)")
     print(f"  {'step':>8}  {'matrices':>8}  {'dtypes':<10} path")
     for c in ckpts:

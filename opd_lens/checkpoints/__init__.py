@@ -1,8 +1,9 @@
 """Find and read checkpoint series: trainer layouts, sharded safetensors, parameter names -> (layer, module)."""
 
+from .formats import TensorInfo
 from .layouts import LAYOUTS, Layout, checkpoint_path, find_checkpoints
 from .names import GLOBAL_LAYER, MatrixPlan, MatrixRef, plan_matrices
-from .reader import Checkpoint, TensorInfo, matched_matrices, open_checkpoint
+from .reader import Checkpoint, matched_matrices, open_checkpoint
 from .writer import save_checkpoint
 
 __all__ = [

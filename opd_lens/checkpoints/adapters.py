@@ -17,14 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ShapeMismatchError
+from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .names import MatrixRef
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "LoraPair", "adapter_dir", "parse_adapter"]
+__all__ = ["Adapter", "LoraPair", "parse_adapter"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_SUBDIRS = ("lora_adapters",)
-"""Where an adapter may sit in a step directory: prime-rl's ``weights/step_N/lora_adapters/``."""
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?$")
 
 
@@ -87,11 +84,6 @@ class Adapter:
                 )
             out.add(tensor)
         return out
-
-
-def adapter_dir(path: Path) -> Path | None:
-    """The directory holding a PEFT adapter in ``path``: ``path`` itself or one of :data:`ADAPTER_SUBDIRS`."""
-    return next((d for d in (path, *(path / s for s in ADAPTER_SUBDIRS)) if (d / ADAPTER_WEIGHTS).exists()), None)
 
 
 def parse_adapter(path: Path, config: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> Adapter:

@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from .reader import _TORCH_DTYPES, DCP_METADATA, TensorInfo
+from .formats import DCP_METADATA, TORCH_DTYPES, TensorInfo
 
 __all__ = ["read_dcp", "read_dcp_tensor"]
 
@@ -48,7 +48,7 @@ def read_dcp(directory: Path) -> dict[str, TensorInfo]:
     if not model:
         sample = sorted(metadata.state_dict_metadata)[:3]
         raise CheckpointNotFoundError(f"{file}: a torch DCP checkpoint without model weights (keys like {sample})")
-    return {name: TensorInfo(file, _TORCH_DTYPES.get(e.dtype, str(e.dtype)), e.shape) for name, e in model.items()}
+    return {name: TensorInfo(file, TORCH_DTYPES.get(e.dtype, str(e.dtype)), e.shape) for name, e in model.items()}
 
 
 def read_dcp_tensor(file: Path, name: str) -> torch.Tensor:

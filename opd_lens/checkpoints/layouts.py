@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWarning
-from .adapters import adapter_dir
 from .foreign import foreign_layout
-from .reader import INDEX_NAME, Checkpoint, dcp_dir, open_checkpoint, pickle_files, weight_files
+from .formats import detect_weights
+from .reader import Checkpoint, open_checkpoint
 
 __all__ = ["Layout", "LAYOUTS", "find_checkpoints", "checkpoint_path"]
 
@@ -56,7 +56,7 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int, layout: str = "hf") -
 def find_checkpoints(
     run_dir: str | os.PathLike,
     *,
-    allow_pickle: bool | None = None,
+    allow_pickle: bool = False,
     on_skip: Callable[[Path, str], None] | None = None,
 ) -> list[Checkpoint]:
     """The checkpoints of a run, sorted by step.
@@ -86,7 +86,7 @@ def find_checkpoints(
     return checkpoints
 
 
-def _find(run: Path, allow_pickle: bool | None, skipped: list[tuple[Path, str]]) -> list[Checkpoint]:
+def _find(run: Path, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> list[Checkpoint]:
     try:
         if not run.is_dir():
             what = "is not a directory" if run.exists() else "does not exist"
@@ -184,20 +184,12 @@ def _match(entry: Path) -> tuple[int, Path | None, int] | None:
 
 def _has_weights(path: Path) -> bool:
     try:
-        return (
-            (path / INDEX_NAME).is_file()
-            or bool(weight_files(path))
-            or bool(pickle_files(path))
-            or adapter_dir(path) is not None
-            or dcp_dir(path) is not None
-        )
+        return detect_weights(path) is not None
     except OSError:
         return True  # unreadable: open_checkpoint says why
 
 
-def _open_or_skip(
-    path: Path, dir_step: int, allow_pickle: bool | None, skipped: list[tuple[Path, str]]
-) -> Checkpoint | None:
+def _open_or_skip(path: Path, dir_step: int, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> Checkpoint | None:
     try:
         ckpt = open_checkpoint(path, step=dir_step, allow_pickle=allow_pickle)
     except CheckpointError as e:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import re
 import stat
 import struct
 import time
@@ -25,74 +25,26 @@ from ..errors import (
     ShapeMismatchError,
     UnsupportedTensorError,
 )
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, adapter_dir, parse_adapter
-from .foreign import foreign_layout, is_megatron
+from .adapters import Adapter, parse_adapter
+from .foreign import foreign_layout
+from .formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DCP_METADATA,
+    DTYPE_BYTES,
+    PICKLE_ENV,
+    TORCH_DTYPES,
+    TensorInfo,
+    detect_weights,
+)
 from .names import MatrixPlan, MatrixRef, plan_matrices
 
-__all__ = [
-    "Checkpoint",
-    "TensorInfo",
-    "open_checkpoint",
-    "matched_matrices",
-    "INDEX_NAME",
-    "SINGLE_NAME",
-    "READABLE_DTYPES",
-    "PICKLE_ENV",
-]
+__all__ = ["Checkpoint", "open_checkpoint", "matched_matrices", "READABLE_DTYPES"]
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 READABLE_DTYPES = ("BF16", "F16", "F32", "F64")
 """safetensors dtypes the diagnostics accept; quantized weights (I8, F8_*) are refused with a clear error."""
-DCP_METADATA = ".metadata"
-DCP_SUBDIRS = ("pytorch_model_fsdp_0", "trainer")
-"""Where a torch DCP checkpoint of the model sits in a step directory: HF Trainer/Accelerate FSDP, prime-rl."""
-PICKLE_ENV = "OPD_LENS_ALLOW_PICKLE"
-"""Set to 1 to read pickle weights (``pytorch_model*.bin``, ``model*.pt``) with ``torch.load(weights_only=True)``."""
-_PICKLE_NAME = re.compile(r"(pytorch_)?model(-\d+-of-\d+)?\.(bin|pt|pth)")
 _MAX_HEADER = 100 * 2**20
 _SAMPLE = 64 * 2**10
-_DTYPE_BYTES = {
-    "BF16": 2,
-    "F16": 2,
-    "F32": 4,
-    "F64": 8,
-    "I8": 1,
-    "U8": 1,
-    "I16": 2,
-    "U16": 2,
-    "I32": 4,
-    "U32": 4,
-    "I64": 8,
-    "U64": 8,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-_TORCH_DTYPES = {
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A stored tensor's file, dtype (safetensors name, e.g. ``"BF16"``) and shape, read from the header."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per stored element (8 for a dtype safetensors does not name, e.g. a pickle's)."""
-        return _DTYPE_BYTES.get(self.dtype, 8)
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,6 +177,15 @@ class Checkpoint:
             left = left[slice(*ref.rows)]
         return left * pair.scale, right
 
+    def read_update(self, ref: MatrixRef) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """What this checkpoint holds of the matrix ``ref``: W_t itself (:meth:`read_matrix`), or for a LoRA
+        adapter the factors (L, R) of its update ΔW = L·R (:meth:`read_lora`)."""
+        return self.read_matrix(ref) if self.adapter is None else self.read_lora(ref)
+
+    def read_nbytes(self, ref: MatrixRef) -> int:
+        """The bytes reading ``ref`` holds: those of the matrix (0 for an adapter's factors, small next to it)."""
+        return 0 if self.adapter is not None else math.prod(ref.shape) * self.tensors[ref.tensor].itemsize
+
     def _not_adapter(self) -> None:
         if self.adapter is not None:
             raise CheckpointError(
@@ -260,9 +221,7 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
 
 
-def open_checkpoint(
-    path: str | os.PathLike, step: int | None = None, *, allow_pickle: bool | None = None
-) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, step: int | None = None, *, allow_pickle: bool = False) -> Checkpoint:
     """Open and validate the checkpoint whose weights are in directory ``path``.
 
     Reads ``model.safetensors.index.json`` when present (every listed shard must exist and hold exactly the tensors
@@ -275,12 +234,9 @@ def open_checkpoint(
     :class:`CorruptCheckpointError` naming the file at fault (:class:`CheckpointError` if it cannot be read).
 
     Pickle weights (``pytorch_model*.bin``, ``model*.pt``) are refused, since loading a pickle can run code, unless
-    ``allow_pickle`` (default: environment variable ``OPD_LENS_ALLOW_PICKLE=1``); they are then loaded with
-    ``torch.load(weights_only=True)``, memory-mapped.
+    ``allow_pickle``; they are then loaded with ``torch.load(weights_only=True)``, memory-mapped.
     """
     path = Path(path)
-    if allow_pickle is None:
-        allow_pickle = os.environ.get(PICKLE_ENV, "0") not in ("", "0")
     try:
         return _open_cached(path, step, allow_pickle)
     except CheckpointError:  # CheckpointNotFoundError is an OSError too
@@ -324,32 +280,30 @@ def _open(path: Path, step: int | None, allow_pickle: bool) -> Checkpoint:
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise CheckpointNotFoundError(f"{path}: checkpoint directory {what}")
-    index = path / INDEX_NAME
+    weights = detect_weights(path)
     adapter = None
-    if index.is_file():
-        tensors = _read_sharded(index)
-    elif not weight_files(path) and (directory := adapter_dir(path)) is not None:
-        tensors, adapter = _read_adapter(directory)
-    elif not weight_files(path) and (directory := dcp_dir(path)) is not None:
+    if weights is None:
+        why = foreign_layout(path) or f"no safetensors weights ({_what_is_here(path)})"
+        raise CheckpointNotFoundError(f"{path}: {why}")
+    if weights.format == "sharded":
+        tensors = _read_sharded(*weights.paths)
+    elif weights.format == "adapter":
+        tensors, adapter = _read_adapter(*weights.paths)
+    elif weights.format == "dcp":
         from .dcp import read_dcp  # torch.distributed.checkpoint is slow to import: only when needed
 
-        tensors = read_dcp(directory)
+        tensors = read_dcp(*weights.paths)
     else:
-        files = weight_files(path)
-        if not files and (pickles := pickle_files(path)):
-            if not allow_pickle:
-                raise CheckpointNotFoundError(
-                    f"{pickles[0]}: a pickle checkpoint; opd_lens reads safetensors only by default, since loading a "
-                    f"pickle can run code. Convert it to safetensors, or opt in with {PICKLE_ENV}=1 (or "
-                    "allow_pickle=True) to load it with torch.load(weights_only=True)"
-                )
-            files = pickles
-        if not files:
-            why = foreign_layout(path) or f"no safetensors weights ({_what_is_here(path)})"
-            raise CheckpointNotFoundError(f"{path}: {why}")
+        if weights.format == "pickle" and not allow_pickle:
+            raise CheckpointNotFoundError(
+                f"{weights.paths[0]}: a pickle checkpoint; opd_lens reads safetensors only by default, since loading "
+                f"a pickle can run code. Convert it to safetensors, or opt in (--allow-pickle or {PICKLE_ENV}=1 on "
+                "the command line, allow_pickle=True in Python) to load it with torch.load(weights_only=True)"
+            )
+        read = _read_header if weights.format == "safetensors" else _pickle_header
         tensors = {}
-        for file in files:
-            for name, info in (_read_header(file) if file.suffix == ".safetensors" else _pickle_header(file)).items():
+        for file in weights.paths:
+            for name, info in read(file).items():
                 if name in tensors:
                     raise CorruptCheckpointError(
                         f"{path}: tensor {name!r} is stored twice, in {tensors[name].file.name} and {file.name}"
@@ -438,29 +392,6 @@ def read_trainer_step(path: Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of model weights in ``path`` (PEFT adapter files are not model weights); OSError if
-    ``path`` cannot be listed."""
-    return sorted(
-        f for f in path.iterdir() if f.suffix == ".safetensors" and not f.name.startswith(("adapter_model", "."))
-    )
-
-
-def pickle_files(path: Path) -> list[Path]:
-    """The pickle weight files in ``path``: ``pytorch_model.bin`` and its shards, ``model.pt``, ``model.pth`` (not
-    optimizer states, training arguments or DeepSpeed shards)."""
-    return sorted(f for f in path.iterdir() if _PICKLE_NAME.fullmatch(f.name))
-
-
-def dcp_dir(path: Path) -> Path | None:
-    """The torch DCP checkpoint in ``path``: ``path`` itself or one of :data:`DCP_SUBDIRS` with a ``.metadata`` file,
-    but not a Megatron ``dist_ckpt`` (DCP too, with Megatron names); None if there is none."""
-    return next(
-        (d for d in (path, *(path / s for s in DCP_SUBDIRS)) if (d / DCP_METADATA).is_file() and not is_megatron(d)),
-        None,
-    )
-
-
 def _read_sharded(index: Path) -> dict[str, TensorInfo]:
     try:
         weight_map = load_json(index)["weight_map"]
@@ -519,8 +450,8 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in (*shape, start, stop)) or stop < start:
                 raise ValueError(f"tensor {name!r} has a malformed shape or offsets")
-            nbytes = _DTYPE_BYTES.get(dtype)
-            if nbytes is not None and stop - start != nbytes * _prod(shape):
+            nbytes = DTYPE_BYTES.get(dtype)
+            if nbytes is not None and stop - start != nbytes * math.prod(shape):
                 raise ValueError(f"tensor {name!r}: {stop - start} bytes do not hold {dtype}{list(shape)}")
             tensors[name] = TensorInfo(file, dtype, shape)
             spans.append((start, stop, name))
@@ -558,7 +489,7 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 
 def _pickle_header(file: Path) -> dict[str, TensorInfo]:
     tensors = _load_pickle(file).items()
-    return {k: TensorInfo(file, _TORCH_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors}
+    return {k: TensorInfo(file, TORCH_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors}
 
 
 def _read_small(file: Path, limit: int = 2**20) -> bytes:
@@ -567,13 +498,6 @@ def _read_small(file: Path, limit: int = 2**20) -> bytes:
             return f.read(limit)
     except OSError as e:
         raise CorruptCheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def _what_is_here(path: Path) -> str:

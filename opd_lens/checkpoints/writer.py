@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .reader import INDEX_NAME, SINGLE_NAME
+from .formats import INDEX_NAME, SINGLE_NAME
 
 __all__ = ["save_checkpoint"]
 

@@ -47,12 +47,15 @@ def add_run(
     origin: str | os.PathLike,
     method: str | None = None,
     include_globals: bool = False,
+    *,
+    allow_pickle: bool = False,
 ) -> None:
     """Register a run in ``store``: its checkpoint directory, its origin W_0 and its method label (default:
     ``name``).
 
     Checks that the run has readable checkpoints whose matrices match the origin's. Adding the same run again
-    is a no-op; reusing a name for another run is an error.
+    is a no-op; reusing a name for another run is an error. ``allow_pickle``: see
+    :func:`~opd_lens.checkpoints.open_checkpoint`.
     """
     if not isinstance(name, str) or not name.strip():
         raise StoreError(f"run name must be a non-empty string, got {name!r}")
@@ -66,8 +69,9 @@ def add_run(
     if known is not None:  # the same run again (a no-op), or another one under this name (an error)
         store.register_run(name, {**spec, "origin_fingerprint": known["origin_fingerprint"]}, {})
         return
-    origin_ckpt = open_checkpoint(spec["origin"])
-    refs = matched_matrices(origin_ckpt, find_checkpoints(spec["run_dir"])[-1], include_globals)
+    origin_ckpt = open_checkpoint(spec["origin"], allow_pickle=allow_pickle)
+    last = find_checkpoints(spec["run_dir"], allow_pickle=allow_pickle)[-1]
+    refs = matched_matrices(origin_ckpt, last, include_globals)
     shapes = {(ref.layer, ref.module): tuple(ref.shape) for ref in refs}
     store.register_run(name, {**spec, "origin_fingerprint": origin_ckpt.fingerprint}, shapes)
 
@@ -80,6 +84,7 @@ def compute_store(
     endpoint: str | Sequence[int] = "last",
     client=None,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> ComputeReport:
     """Compute the diagnostics of every checkpoint of ``runs`` (default: all registered) not yet in ``store``.
 
@@ -94,22 +99,24 @@ def compute_store(
 
     ``client`` (a ``dask.distributed.Client``) runs one task per matrix (for a group of checkpoints) on the
     cluster and one write task per (run, step) region; workers must see the store and checkpoint paths.
-    ``device="auto"`` uses CUDA when available.
+    ``device="auto"`` uses CUDA when available. ``allow_pickle``: see :func:`~opd_lens.checkpoints.open_checkpoint`.
     """
     report = ComputeReport()
     names = list(store.runs) if runs is None else list(runs)
     with store.writer():
         for name in names:
-            _compute_run(store, name, device, endpoint, client, progress, report)
+            _compute_run(store, name, device, endpoint, client, progress, allow_pickle, report)
     return report
 
 
-def _compute_run(store: Store, name: str, device, endpoint, client, progress: bool, report: ComputeReport) -> None:
+def _compute_run(
+    store: Store, name: str, device, endpoint, client, progress: bool, allow_pickle: bool, report: ComputeReport
+) -> None:
     def skip(path: Path, message: str) -> None:
         warnings.warn(CheckpointWarning(message, path), stacklevel=2)
         report.skipped.append(message)
 
-    plan = plan_run(store, name, endpoint, skip)
+    plan = plan_run(store, name, endpoint, skip, allow_pickle)
     if plan.tasks:
         # before any write: a compute killed from here on recomputes the rewritten steps and their lock_alignment
         store.record(name, dict.fromkeys(plan.rewrites))

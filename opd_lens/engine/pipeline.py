@@ -81,9 +81,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _read_update(ckpt: Checkpoint, ref: MatrixRef):
-    """W_t of ``ref`` (stored dtype, CPU), or a LoRA adapter's float64 factors (L, R); a failure is a StepError."""
+    """:meth:`~opd_lens.checkpoints.Checkpoint.read_update` of ``ref``; a failure is a StepError."""
     try:
-        return ckpt.read_matrix(ref) if ckpt.adapter is None else ckpt.read_lora(ref)
+        return ckpt.read_update(ref)
     except CheckpointError as e:
         return StepError(str(e))
 
@@ -101,7 +101,7 @@ def _diagnose(
 ) -> MatrixResult:
     """The diagnostics of one matrix of one checkpoint, given W_0 (on ``device``), what was read of W_t and the
     origin factors (``None`` when W_0 is not finite)."""
-    lora = None if ckpt.adapter is None else tuple(f.to(device) for f in update)
+    lora = tuple(f.to(device) for f in update) if isinstance(update, tuple) else None
     wt = update.to(device) if lora is None else None
     nonfinite = None
     if factors is None:
@@ -244,13 +244,12 @@ def run_local(
             failed: dict[int, StepError] = {}  # a step that failed to read is read no further
             jobs = []
             for ref, tasks in matrices:
-                jobs.append(
-                    (_nbytes(plan.origin, ref), lambda ref=ref, t=tasks, f=failed: _read_origin(plan.origin, ref, t, f))
-                )
+                origin_read = partial(_read_origin, plan.origin, ref, tasks, failed)
+                jobs.append((plan.origin.read_nbytes(ref), origin_read))
                 for i, task in tasks.items():
                     jobs.append(
                         (
-                            _nbytes(task.ckpt, ref),
+                            task.ckpt.read_nbytes(ref),
                             lambda i=i, c=task.ckpt, ref=ref, f=failed: f.get(i) or _read_update(c, ref),
                         )
                     )
@@ -330,12 +329,6 @@ def _compute_pool(workers: int) -> ThreadPoolExecutor:
 def _read_origin(origin: Checkpoint, ref: MatrixRef, tasks: dict[int, StepTask], failed: dict) -> torch.Tensor | None:
     """W_0 of ``ref``, or ``None`` when every step that needs it has already failed to read."""
     return None if all(i in failed for i in tasks) else origin.read_matrix(ref)
-
-
-def _nbytes(ckpt: Checkpoint, ref: MatrixRef) -> int:
-    if ckpt.adapter is not None:
-        return 0
-    return math.prod(ref.shape) * ckpt.tensors[ref.tensor].itemsize
 
 
 # --- Dask ----------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class RunPlan:
     the final channel itself is rewritten."""
 
 
-def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None]) -> RunPlan:
+def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None], allow_pickle: bool) -> RunPlan:
     """What computing run ``name`` of ``store`` involves; ``skip(path, message)`` hears of unreadable checkpoints.
 
     A checkpoint is left alone when its step is recorded with the same content fingerprint and the current schema,
@@ -51,11 +51,11 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     spec = store.runs.get(name)
     if spec is None:
         raise StoreError(f"{store.path}: no run named {name!r}; registered: {list(store.runs)}")
-    origin = open_checkpoint(spec["origin"])
+    origin = open_checkpoint(spec["origin"], allow_pickle=allow_pickle)
     if origin.fingerprint != spec["origin_fingerprint"]:
         raise StoreError(f"{origin.path}: the origin of run {name!r} changed since it was added; use a new store")
     plan = RunPlan(name, origin)
-    ckpts = find_checkpoints(spec["run_dir"], on_skip=skip)
+    ckpts = find_checkpoints(spec["run_dir"], allow_pickle=allow_pickle, on_skip=skip)
     if not ckpts:
         return plan
     recorded = store.recorded(name)
