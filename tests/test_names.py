@@ -37,7 +37,7 @@ H, Q, KV, INTER = HIDDEN, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, INTERMEDIATE
 def _natural_key(key):
     """(layer, module) ordered with numbered parts compared as numbers: experts.2 before experts.10."""
     layer, module = key
-    return layer, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", module)]
+    return layer, [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", module)]
 
 
 def _keys(plan: MatrixPlan) -> list[tuple[int, str]]:

@@ -5,19 +5,7 @@ The front end is TypeScript in ``js/``, bundled by esbuild into ``opd_lens/stati
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..errors import OpdLensError
-
-STATIC = Path(__file__).resolve().parent.parent / "static"
-
-if not (STATIC / "explorer.js").is_file():
-    raise OpdLensError(
-        f"{STATIC}: the widgets' JavaScript bundle is missing; build it with `npm --prefix js install && npm "
-        "--prefix js run build` (pip install builds it too)"
-    )
-
-from .explorer import Explorer  # noqa: E402
-from .monitor import LockMonitor  # noqa: E402
+from .explorer import Explorer
+from .monitor import LockMonitor
 
 __all__ = ["Explorer", "LockMonitor"]

@@ -9,8 +9,8 @@ import traitlets
 import xarray as xr
 
 from ..store import Store
-from . import STATIC
 from ._data import as_dataset, explorer_payload
+from ._static import STATIC
 
 __all__ = ["Explorer"]
 

@@ -10,8 +10,8 @@ import numpy as np
 import traitlets
 
 from ..store import Store, StoreError, open_store
-from . import STATIC
 from ._data import wire
+from ._static import STATIC
 
 __all__ = ["LockMonitor"]
 
