@@ -184,7 +184,6 @@ def _probe(args, phase: str, origin: Path, run: Path, store: Path) -> None:
 
     import opd_lens
     from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
-    from opd_lens.engine.origin import OriginCache
     from opd_lens.synthetic import qwen3_config, write_planted_run
 
     if args.threads:
@@ -200,7 +199,7 @@ def _probe(args, phase: str, origin: Path, run: Path, store: Path) -> None:
     t = time.perf_counter()
     if phase == "origin":
         o = open_checkpoint(origin)
-        cache = OriginCache.of(s, o)
+        cache = s.origin_cache(o)
         for ref in matched_matrices(o, find_checkpoints(run)[-1]):
             cache.get(ref, o.read_matrix(ref), with_svd=True)
     else:

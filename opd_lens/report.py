@@ -20,6 +20,7 @@ import pandas as pd
 from ipywidgets.embed import dependency_state, embed_data
 
 from .errors import OpdLensError
+from .files import replacing
 from .store import Store
 
 __all__ = ["export_html", "store_report"]
@@ -83,9 +84,8 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
         body="\n".join(body),
     )
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path
 
 

@@ -34,13 +34,15 @@ import xarray as xr
 import zarr
 import zarr.api.asynchronous
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from zarr.core.sync import sync  # zarr's bridge to its I/O loop (a notebook's running loop rules out asyncio.run)
 
 from ._version import __version__
+from .cache import LockBases, OriginCache, settings_key
+from .checkpoints import Checkpoint
 from .checkpoints.names import natural_key
-from .diagnostics import Settings, sim_k
+from .diagnostics import Settings
 from .errors import CheckpointError, OpdLensError
+from .files import replacing
 from .schema import SCHEMA_VERSION, VARIABLES
 
 __all__ = [
@@ -401,6 +403,11 @@ class Store:
         """The cached V_K(t) of run ``name``: the top-K right singular vectors of every ΔW_t (K = lock_k)."""
         return LockBases(self.run_cache(name), self._bases)
 
+    def origin_cache(self, origin: Checkpoint) -> OriginCache:
+        """The cached factors of W_0 for ``origin`` under this store's settings (shared by the runs from it)."""
+        key = f"{origin.fingerprint[:16]}-{settings_key(self.settings)}"
+        return OriginCache(self.cache_dir("origin", key), self.settings)
+
     # --- writing (callers hold the writer lock) -----------------------------------------------------------------
 
     def record(self, name: str, entries: Mapping[int, Mapping]) -> None:
@@ -518,7 +525,8 @@ class Store:
 
     def _grow(self, sizes: Mapping[str, int]) -> None:
         marker = self.path / _GROW
-        _atomic_write(marker, json.dumps(dict(sizes)).encode())
+        with replacing(marker) as tmp:
+            tmp.write_text(json.dumps(dict(sizes)))
         self._finish_grow()
 
     def _migrate(self) -> None:
@@ -581,96 +589,6 @@ def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
     return specs
 
 
-class LockBases:
-    """V_K(t) of every matrix of a run, one safetensors file per step, keyed by :func:`matrix_key`.
-
-    Loaded bases stay in ``memo`` (shared by the store's LockBases) up to :data:`BASES_MEMO_BYTES`, so that a run
-    that gains a checkpoint, whose every step's ``lock_alignment`` is then recomputed, does not reopen a file per
-    step each time."""
-
-    def __init__(self, directory: Path, memo: dict[Path, dict[str, torch.Tensor]] | None = None):
-        self.directory = Path(directory)
-        self._memo = {} if memo is None else memo
-
-    def _file(self, step: int) -> Path:
-        return self.directory / f"bases-{step}.safetensors"
-
-    def has(self, step: int) -> bool:
-        return self._file(step).is_file()
-
-    def save(self, step: int, bases: dict[str, torch.Tensor]) -> None:
-        file = self._file(step)
-        self._memo.pop(file, None)
-        atomic_save(file, {k: v.contiguous() for k, v in bases.items()})
-
-    def load(self, step: int) -> dict[str, torch.Tensor]:
-        file = self._file(step)
-        if (hit := self._memo.get(file)) is not None:
-            return hit
-        bases = load_file(file)
-        size = sum(t.numel() * t.element_size() for t in bases.values())
-        held = sum(t.numel() * t.element_size() for b in self._memo.values() for t in b.values())
-        while self._memo and held + size > BASES_MEMO_BYTES:
-            oldest = next(iter(self._memo))
-            held -= sum(t.numel() * t.element_size() for t in self._memo.pop(oldest).values())
-        if size <= BASES_MEMO_BYTES:
-            self._memo[file] = bases
-        return bases
-
-    def alignment_grid(
-        self,
-        steps: Iterable[int],
-        anchor: Mapping[str, torch.Tensor],
-        layers: Mapping[int, int],
-        modules: Mapping[str, int],
-    ) -> np.ndarray:
-        """Sim_K of V_K(t) to the bases ``anchor`` (matrix key -> V_K) for each of ``steps``, as a float32 (step,
-        layer, module) grid indexed by ``layers`` and ``modules``; NaN where a matrix is not in both or its shape
-        differs (LoRA steps of other ranks share no K). Batched per shape across steps, :data:`SIM_BATCH_BYTES` of
-        bases per call, so that a long run costs a few calls rather than one per step and matrix."""
-        steps = list(steps)
-        grid = np.full((len(steps), len(layers), len(modules)), np.nan, np.float32)
-        where = {}  # matrix key -> (layer, module) index in the grid
-        for k in anchor:
-            layer, module = parse_matrix_key(k)
-            where[k] = layers[layer], modules[module]
-        batches: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
-
-        def flush(batch: list[tuple[int, str, torch.Tensor]]) -> None:
-            sims = sim_k(torch.stack([b for *_, b in batch]), torch.stack([anchor[k] for _, k, _ in batch]))
-            for (i, k, _), sim in zip(batch, sims.tolist(), strict=True):
-                grid[(i, *where[k])] = sim
-            batch.clear()
-
-        for i, step in enumerate(steps):
-            for k, b in self.load(step).items():
-                if k in anchor and anchor[k].shape == b.shape:
-                    batch = batches.setdefault(tuple(b.shape), [])
-                    batch.append((i, k, b))
-                    if len(batch) * b.numel() * b.element_size() >= SIM_BATCH_BYTES:
-                        flush(batch)
-        for batch in batches.values():
-            if batch:
-                flush(batch)
-        return grid
-
-
-BASES_MEMO_BYTES = 2**28
-"""Bytes of V_K bases a store keeps in memory once loaded (256 MiB)."""
-SIM_BATCH_BYTES = 2**24
-"""Bases stacked into one Sim_K call by :meth:`LockBases.alignment_grid` (16 MiB, besides as many of the anchor)."""
-
-
-def matrix_key(ref) -> str:
-    """``"layer|module"``, the key of a matrix in the caches."""
-    return f"{ref.layer}|{ref.module}"
-
-
-def parse_matrix_key(key: str) -> tuple[int, str]:
-    layer, module = key.split("|", 1)
-    return int(layer), module
-
-
 class StepWriter:
     """Writes whole (run, step) regions of one store: the ``complete`` flag cleared, every variable's chunk at once
     (concurrently, on zarr's I/O loop), then the flag set; the group and its arrays stay open. Safe in a Dask
@@ -711,16 +629,6 @@ def write_step(
     StepWriter(path)(run, slot, scalars, angles)
 
 
-def atomic_save(file: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Save a safetensors file through a temporary, so a failed write (a full disk) leaves no partial file."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
-        save_file(dict(tensors), tmp)
-        tmp.replace(file)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _resolved(path: str | os.PathLike) -> str:
     try:
         return str(Path(path).resolve())
@@ -744,12 +652,6 @@ def _rebased(run: Mapping, old: str, new: str) -> dict:
 
 def _describe(run: Mapping) -> str:
     return f"run_dir {run['run_dir']}, origin {run['origin']}, method {run['method']!r}"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _acquire(lock: Path) -> None:

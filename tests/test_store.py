@@ -904,8 +904,8 @@ def test_endpoint_all_later_adds_angles_to_stored_steps(tmp_path, runs):
 def test_alignment_grid_equals_sim_k_per_matrix_in_any_batching(tmp_path, monkeypatch):
     """Sim_K of every step's bases to an anchor, batched per shape across steps, equals the float64 numpy oracle
     matrix by matrix, whatever the batch size; a matrix missing from a step, or of another K, stays NaN."""
-    import opd_lens.store as store_module
-    from opd_lens.store import LockBases
+    import opd_lens.cache as cache_module
+    from opd_lens.cache import LockBases
 
     gen = torch.Generator().manual_seed(3)
 
@@ -932,7 +932,7 @@ def test_alignment_grid_equals_sim_k_per_matrix_in_any_batching(tmp_path, monkey
                 cos = v.double().numpy().T @ anchor[key].double().numpy()
                 expected[i, layers[int(layer)], modules[m]] = (cos**2).sum() / v.shape[1]
     for batch_bytes in (1, 24 * 4 * 4 * 2, 2**24):  # one basis per call, two, everything at once
-        monkeypatch.setattr(store_module, "SIM_BATCH_BYTES", batch_bytes)
+        monkeypatch.setattr(cache_module, "SIM_BATCH_BYTES", batch_bytes)
         got = bases.alignment_grid(steps, anchor, layers, modules)
         assert got.shape == (5, 2, 2) and got.dtype == np.float32
         np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))

@@ -3,8 +3,8 @@
 Data flows one way: :mod:`~opd_lens.engine.plan` decides which checkpoints are new or changed, the pipeline
 (:mod:`~opd_lens.engine.pipeline`) reads them one matrix at a time ahead of the compute, :mod:`opd_lens.diagnostics`
 computes, and each (run, step) region is written into the :class:`~opd_lens.store.Store` once; then
-:mod:`~opd_lens.engine.lock` brings ``lock_alignment`` up to date. W_0's factors are cached per origin
-(:mod:`~opd_lens.engine.origin`). The store never imports the engine.
+:mod:`~opd_lens.engine.lock` brings ``lock_alignment`` up to date. W_0's factors (per origin) and the V_K bases
+(per step) are kept in the store's caches (:mod:`opd_lens.cache`). The store never imports the engine.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import LockBases, OriginCache, matrix_key
 from ..checkpoints import Checkpoint, MatrixRef
 from ..diagnostics import (
     MatrixDiagnostics,
@@ -35,8 +36,7 @@ from ..diagnostics import (
 )
 from ..errors import CheckpointError
 from ..schema import ANGLES, STEP_SCALARS
-from ..store import LockBases, Store, matrix_key, write_step
-from .origin import OriginCache
+from ..store import Store, write_step
 from .plan import RunPlan, StepTask
 
 __all__ = ["GROUP_BYTES", "READ_AHEAD_BYTES", "StepError", "StepOutcome", "run_local", "run_dask", "resolve_device"]
@@ -232,7 +232,7 @@ def run_local(
     ``tally``s the matrices read."""
     dev = resolve_device(device)
     settings = store.settings
-    cache = OriginCache.of(store, plan.origin)
+    cache = store.origin_cache(plan.origin)
     write = store.step_writer()
     bases = store.lock_bases(plan.name)
     run, grid = store.run_index(plan.name), store.grid()
@@ -355,7 +355,7 @@ def run_dask(
     """Compute ``plan`` on a Dask cluster: a task per matrix and group of checkpoints, a task per step that writes
     its region (workers must see the store and the checkpoints at the same paths)."""
     settings = store.settings
-    cache = OriginCache.of(store, plan.origin)
+    cache = store.origin_cache(plan.origin)
     run, grid = store.run_index(plan.name), store.grid()
     bases_dir = store.run_cache(plan.name)
     for group in _groups(plan.tasks, settings):

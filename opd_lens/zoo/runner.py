@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ZooError
+from ..files import replacing
 from .models import load_model, save_model
 from .presets import PRESETS, Preset
 from .train import pretrain, run_entry, train_run
@@ -116,9 +117,8 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     runs = manifest["runs"]
     ordered = manifest | {"runs": {name: runs[name] for name in manifest["config"]["runs"] if name in runs}}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(ordered, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    with replacing(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(ordered, indent=2))
 
 
 def _train_in_workers(out: Path, names: list[str], preset: Preset, workers: int, progress: bool, manifest: dict):

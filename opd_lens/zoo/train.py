@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ZooError
+from ..files import replacing
 from .models import bf16_state, build_model, load_model, qwen3_config, save_model
 from .objectives import grpo_advantages, mix_advantages, opd_advantages, ppo_clip_loss, sft_loss
 from .presets import RUNS, Preset, RunSpec
@@ -188,9 +188,8 @@ def _save(path: Path, model, opt: torch.optim.Optimizer, gen: torch.Generator, h
     without it is trained again from the previous one)."""
     save_model(path, model, history[-1]["step"], history)
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state()}
-    tmp = path / f".{STATE}.tmp"
-    torch.save(state | {"history": history}, tmp)
-    os.replace(tmp, path / STATE)
+    with replacing(path / STATE) as tmp:
+        torch.save(state | {"history": history}, tmp)
 
 
 def _resume(run_dir: Path, saves: list[int], model, opt: torch.optim.Optimizer, gen: torch.Generator):
