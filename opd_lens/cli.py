@@ -288,7 +288,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _retrain(args: argparse.Namespace) -> None:
     _need_zoo()
-    from .locking import rank_constrained_retrain, retrain_accuracy
+    from .zoo import rank_constrained_retrain, retrain_accuracy
 
     entry = rank_constrained_retrain(
         args.zoo, args.run, args.k, args.at, mode=args.mode, store=args.store, progress=not args.quiet

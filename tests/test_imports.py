@@ -1,4 +1,5 @@
-"""The package's import graph, read from the source: no circles, and nothing imports back up from ``opd_lens``."""
+"""The package's import graph, read from the source: no circles, nothing imports back up from ``opd_lens``, and the
+library depends neither on the demo zoo nor (its locking) on the widgets."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import opd_lens
 
 PACKAGE = Path(opd_lens.__file__).parent
+LIBRARY = ("api", "charts", "checkpoints", "diagnostics", "engine", "locking", "schema", "store", "summary")
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -73,6 +75,35 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The modules ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def dependents(graph: dict[str, set[str]], packages: tuple[str, ...], banned: str) -> dict[str, list[str]]:
+    """Module of ``opd_lens.<packages>`` -> the modules of ``banned`` (a package) it reaches, where there are any."""
+
+    def under(name: str, package: str) -> bool:
+        return name == package or name.startswith(f"{package}.")
+
+    modules = [m for m in sorted(graph) if any(under(m, f"opd_lens.{p}") for p in packages)]
+    found = {m: sorted(w for w in reachable(graph, m) if under(w, banned)) for m in modules}
+    return {m: ws for m, ws in found.items() if ws}
+
+
+def test_reachable_follows_imports_through_other_modules():
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, "a") == {"a", "b", "c"}
+    assert reachable({"a": {"b"}, "b": set()}, "b") == set()
+    assert dependents(
+        {"opd_lens.x": {"opd_lens.y"}, "opd_lens.y": {"opd_lens.z.q"}, "opd_lens.z.q": set()}, ("x",), "opd_lens.z"
+    ) == {"opd_lens.x": ["opd_lens.z.q"]}
+
+
 def test_cycles_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
@@ -87,3 +118,13 @@ def test_the_import_graph_has_no_circle():
 def test_nothing_imports_from_the_top_package():
     graph = import_graph()
     assert [name for name, edges in sorted(graph.items()) if "opd_lens" in edges and name != "opd_lens"] == []
+
+
+def test_the_library_does_not_depend_on_the_demo_zoo():
+    graph = import_graph()
+    assert "opd_lens.zoo.retrain" in reachable(graph, "opd_lens.widgets.job")  # the check sees a dependency at all
+    assert dependents(graph, LIBRARY, "opd_lens.zoo") == {}
+
+
+def test_locking_does_not_depend_on_the_widgets():
+    assert dependents(import_graph(), ("locking",), "opd_lens.widgets") == {}

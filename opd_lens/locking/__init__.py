@@ -1,8 +1,9 @@
 """Subspace locking: whether a run's update locks into an early low-dimensional channel (:func:`lock_alignment`),
-training confined to such a channel (:class:`SubspaceProjector`), a ``transformers.Trainer`` callback that
-constrains a run and feeds its checkpoints to a store, and rank-constrained retraining of the demo zoo.
+training confined to such a channel (:class:`SubspaceProjector`), and a ``transformers.Trainer`` callback that
+constrains a run and feeds its checkpoints to a store. The demo zoo's rank-constrained retraining is
+:mod:`opd_lens.zoo.retrain`.
 
-``OpdLensCallback`` and the retraining need ``transformers`` (the ``zoo`` extra), so they load on first use.
+``OpdLensCallback`` needs ``transformers`` (the ``zoo`` extra), so it loads on first use.
 """
 
 from .analysis import lock_alignment, lock_summary
@@ -11,28 +12,18 @@ from .projector import MODES, SubspaceError, SubspaceProjector, Subspaces, subsp
 __all__ = [
     "MODES",
     "OpdLensCallback",
-    "RetrainJob",
     "SubspaceError",
     "SubspaceProjector",
     "Subspaces",
     "lock_alignment",
     "lock_summary",
-    "rank_constrained_retrain",
-    "retrain_accuracy",
     "subspaces_from_checkpoint",
 ]
 
-_LAZY = {
-    "OpdLensCallback": "callback",
-    "RetrainJob": "retrain",
-    "rank_constrained_retrain": "retrain",
-    "retrain_accuracy": "retrain",
-}
-
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "OpdLensCallback":
+        from .callback import OpdLensCallback
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return OpdLensCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

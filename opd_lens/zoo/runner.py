@@ -32,7 +32,7 @@ def load_zoo(out: str | os.PathLike) -> dict:
     """The manifest of the zoo in ``out``: preset, seed and configuration; the ``base``, ``teacher`` and
     ``anchor`` models with their held-out accuracy; the finished runs, each with its method, origin, steps and
     per-checkpoint log (step, held-out accuracy, training statistics); ``retrains``, the constrained retrainings
-    (:mod:`opd_lens.locking`), when there are any. Paths are relative to ``out``."""
+    (:mod:`opd_lens.zoo.retrain`), when there are any. Paths are relative to ``out``."""
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise ZooError(f"{out}: no zoo here ({MANIFEST} missing)")

@@ -61,7 +61,7 @@ def pretrain(out: Path, name: str, preset: Preset, seed: int, progress: bool, po
 
 @dataclass(frozen=True)
 class Variant:
-    """A run trained again from one of its own checkpoints under a constraint (see :mod:`opd_lens.locking`):
+    """A run trained again from one of its own checkpoints under a constraint (see :mod:`opd_lens.zoo.retrain`):
     saved as run ``name`` with method label ``method``, continuing from checkpoint ``start`` of the original (its
     weights, Adam state and random state), with ``attach(model, optimizer)`` — a context manager — active."""
 
