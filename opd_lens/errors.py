@@ -13,6 +13,10 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedTensorError",
     "CheckpointWarning",
+    "StepError",
+    "StoreError",
+    "StoreLockedError",
+    "ChartError",
     "ZooError",
 ]
 
@@ -41,6 +45,10 @@ class UnsupportedTensorError(CheckpointError, TypeError):
     """A tensor's dtype or layout cannot be analysed (e.g. int8 or fp8 weights)."""
 
 
+class StepError(CheckpointError):
+    """A checkpoint (not the origin) could not be read: its step is skipped, the others go on."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped or looks inconsistent; the message names it and says why. ``path``: the checkpoint
     (or file) it is about, when known."""
@@ -48,6 +56,18 @@ class CheckpointWarning(UserWarning):
     def __init__(self, message: str = "", path: str | os.PathLike | None = None):
         super().__init__(message)
         self.path = path
+
+
+class StoreError(OpdLensError):
+    """The store cannot be opened or written as asked."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the store."""
+
+
+class ChartError(OpdLensError, ValueError):
+    """A chart was asked for something the Dataset or table does not hold."""
 
 
 class ZooError(OpdLensError):

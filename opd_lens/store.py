@@ -40,7 +40,7 @@ from zarr.core.sync import sync  # zarr's bridge to its I/O loop (a notebook's r
 from ._version import __version__
 from .checkpoints.names import natural_key
 from .diagnostics import Settings, sim_k
-from .errors import CheckpointError, OpdLensError
+from .errors import CheckpointError, OpdLensError, StoreError, StoreLockedError
 from .schema import SCHEMA_VERSION, VARIABLES
 
 __all__ = [
@@ -57,14 +57,6 @@ _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
 _RUN_KEYS = ("run_dir", "origin", "method", "include_globals")
-
-
-class StoreError(OpdLensError):
-    """The store cannot be opened or written as asked."""
-
-
-class StoreLockedError(StoreError):
-    """Another process is writing the store."""
 
 
 def open_store(path: str | os.PathLike, settings: Settings | None = None, *, create: bool = True) -> Store:
