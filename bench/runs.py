@@ -13,7 +13,7 @@ import torch
 
 import opd_lens
 from opd_lens.diagnostics import Settings
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 LABEL = 58
 """Width of a row's label."""

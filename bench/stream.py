@@ -136,7 +136,7 @@ def _build(args) -> None:
 
     from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
     from opd_lens.diagnostics import Settings
-    from opd_lens.synthetic import qwen3_config, write_planted_run
+    from opd_lens.testing import qwen3_config, write_planted_run
 
     key = f"h{args.hidden}-i{args.intermediate}-a{args.heads}-{args.kv_heads}-L{args.layers}-c{args.checkpoints}"
     key += f"-s{args.shard_mb:g}"
@@ -184,7 +184,7 @@ def _probe(args, phase: str, origin: Path, run: Path, store: Path) -> None:
 
     import opd_lens
     from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
-    from opd_lens.synthetic import qwen3_config, write_planted_run
+    from opd_lens.testing import qwen3_config, write_planted_run
 
     if args.threads:
         torch.set_num_threads(args.threads)

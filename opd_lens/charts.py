@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import OpdLensError
+from .errors import ChartError
 from .schema import VARIABLES
 from .summary import summarize
 
@@ -37,10 +37,6 @@ _MATRIX = ("layer", "module")
 _WIDTH = 300
 _LINE_LEGEND = alt.Legend(symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2)
 _PROGRESS = alt.X("progress:Q", title="training progress (step / last step)", axis=alt.Axis(format="%"))
-
-
-class ChartError(OpdLensError, ValueError):
-    """A chart was asked for something the Dataset or table does not hold."""
 
 
 def run_colors(runs: xr.Dataset | Iterable[str]) -> dict[str, str]:

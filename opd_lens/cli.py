@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import os
 import sys
@@ -18,8 +19,7 @@ from .api import Store, open_store
 from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.formats import PICKLE_ENV
 from .diagnostics import Settings
-from .errors import OpdLensError
-from .store import StoreError
+from .errors import OpdLensError, StoreError
 from .summary import summarize
 
 __all__ = ["main"]
@@ -50,6 +50,14 @@ _PRESETS = (
 )
 
 
+def _preset_names() -> tuple[str, ...]:
+    """The keys of :data:`opd_lens.zoo.PRESETS`, read from its source: importing the zoo needs transformers, which
+    the other commands (and ``--help``) do not."""
+    tree = ast.parse((Path(__file__).parent / "zoo" / "presets.py").read_text(encoding="utf-8"))
+    presets = next(n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets) == "PRESETS")
+    return tuple(ast.literal_eval(key) for key in presets.keys)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd-lens", description="Where did my fine-tuning go in parameter space?")
     p.add_argument("--version", action="version", version=f"opd-lens {__version__}")
@@ -61,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=Path, default=Path("opd-lens-demo"), help="working directory (default: %(default)s)"
     )
-    demo.add_argument("--preset", default="classroom", choices=("ci", "classroom", "paper"), help=_PRESETS)
+    demo.add_argument("--preset", default="classroom", choices=_preset_names(), help=_PRESETS)
     demo.add_argument("--workers", type=int, default=2, help="runs trained at once (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
@@ -135,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument(
         "--preset",
         default="classroom",
-        choices=("ci", "classroom", "paper"),
+        choices=_preset_names(),
         help=_PRESETS,
     )
     zoo.add_argument("--seed", type=int, default=0, help="default: %(default)s")

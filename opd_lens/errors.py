@@ -13,6 +13,11 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedTensorError",
     "CheckpointWarning",
+    "StepError",
+    "StoreError",
+    "StoreLockedError",
+    "ChartError",
+    "SubspaceError",
     "ZooError",
 ]
 
@@ -41,6 +46,10 @@ class UnsupportedTensorError(CheckpointError, TypeError):
     """A tensor's dtype or layout cannot be analysed (e.g. int8 or fp8 weights)."""
 
 
+class StepError(CheckpointError):
+    """A checkpoint (not the origin) could not be read: its step is skipped, the others go on."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped or looks inconsistent; the message names it and says why. ``path``: the checkpoint
     (or file) it is about, when known."""
@@ -50,5 +59,21 @@ class CheckpointWarning(UserWarning):
         self.path = path
 
 
+class StoreError(OpdLensError):
+    """The store cannot be opened or written as asked."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the store."""
+
+
+class ChartError(OpdLensError, ValueError):
+    """A chart was asked for something the Dataset or table does not hold."""
+
+
 class ZooError(OpdLensError):
     """The output directory cannot hold the zoo asked for, or a part of it failed to train."""
+
+
+class SubspaceError(OpdLensError, ValueError):
+    """A subspace file cannot be read, or subspaces do not fit the model they are bound to."""

@@ -41,14 +41,12 @@ from .cache import LockBases, OriginCache, settings_key
 from .checkpoints import Checkpoint
 from .checkpoints.names import natural_key
 from .diagnostics import Settings
-from .errors import CheckpointError, OpdLensError
+from .errors import CheckpointError, OpdLensError, StoreError, StoreLockedError
 from .files import replacing
 from .schema import SCHEMA_VERSION, VARIABLES
 
 __all__ = [
     "Store",
-    "StoreError",
-    "StoreLockedError",
     "open_store",
 ]
 
@@ -59,14 +57,6 @@ _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
 _RUN_KEYS = ("run_dir", "origin", "method", "include_globals")
-
-
-class StoreError(OpdLensError):
-    """The store cannot be opened or written as asked."""
-
-
-class StoreLockedError(StoreError):
-    """Another process is writing the store."""
 
 
 def open_store(path: str | os.PathLike, settings: Settings | None = None, *, create: bool = True) -> Store:

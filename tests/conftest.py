@@ -13,6 +13,8 @@ import torch
 from hypothesis import settings
 from safetensors.torch import save_file
 
+from opd_lens.testing import qwen3_shapes
+
 # CI replays the same examples every run (a red CI is a real regression); local runs keep exploring.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
@@ -54,27 +56,9 @@ DENSE_MODULES = (
 """The 7 analysed matrices of a Llama/Qwen3/Mistral block, sorted."""
 
 
-def qwen3_shapes(n_layers: int = 2) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a tiny Qwen3-style (Llama/Mistral naming) model."""
-    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (q, HIDDEN),
-            p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, q),
-            p + "self_attn.q_norm.weight": (HEAD_DIM,),
-            p + "self_attn.k_norm.weight": (HEAD_DIM,),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-        }
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    return shapes
+def tiny_config(n_layers: int = 2) -> dict:
+    """:data:`QWEN3_CONFIG` with ``n_layers`` layers, for :func:`opd_lens.testing.qwen3_shapes`."""
+    return QWEN3_CONFIG | {"num_hidden_layers": n_layers}
 
 
 def random_state_dict(
@@ -87,7 +71,7 @@ def random_state_dict(
 
 def qwen3_state_dict(n_layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
     """A tiny Qwen3-style state dict (GQA, q/k norms, untied lm_head)."""
-    return random_state_dict(qwen3_shapes(n_layers), dtype, seed)
+    return random_state_dict(qwen3_shapes(tiny_config(n_layers)), dtype, seed)
 
 
 def write_raw_checkpoint(
@@ -148,7 +132,7 @@ def widget_store(tmp_path_factory) -> Path:
     """A real store of two planted runs (one named :data:`EVIL_NAME`), angles at every step, for the views."""
     from opd_lens import open_store
     from opd_lens.diagnostics import Settings
-    from opd_lens.synthetic import qwen3_config, write_planted_run
+    from opd_lens.testing import qwen3_config, write_planted_run
 
     root = tmp_path_factory.mktemp("widget-store")
     store = open_store(root / "store", Settings(angle_k=8, mask_rank=4))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import opd_lens
 from opd_lens.checkpoints import find_checkpoints, matched_matrices, open_checkpoint
 from opd_lens.diagnostics import Settings, channel_energy, lora_diagnostics, matrix_diagnostics
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 FAST_ATOL = 0.01  # the fast path's tolerance, absolute (its top-16 singular values agree to 0.5% relative)
 

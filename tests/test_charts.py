@@ -14,7 +14,7 @@ from opd_lens import charts, open_store
 from opd_lens.diagnostics import Settings
 from opd_lens.errors import OpdLensError
 from opd_lens.summary import summarize
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 RUNS = {"small": dict(scale=0.005, steps=(10, 20, 30)), "large": dict(scale=0.05, steps=(25, 50), layout="verl")}
 MATRIX = ("layer", "module")

@@ -13,7 +13,7 @@ import pytest
 from conftest import ctrl_c_default
 
 import opd_lens as opd_lens_api
-from opd_lens.synthetic import write_planted_run
+from opd_lens.testing import write_planted_run
 
 
 def opd_lens(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -55,7 +55,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, run, make_args, expected):
 
 
 def test_inspect_reports_shape_mismatch_against_origin(tmp_path, run):
-    from opd_lens.synthetic import qwen3_config
+    from opd_lens.testing import qwen3_config
 
     other, _ = write_planted_run(tmp_path, config=qwen3_config(hidden=32), steps=(1,))
     res = opd_lens("inspect", str(run[1]), "--origin", str(other))
@@ -165,3 +165,12 @@ def test_new_store_settings_and_pickle_opt_in_from_the_command_line(tmp_path, ru
     assert [int(s) for s in ds.step.values] == [3, 6, 10]
     other = opd_lens(*args, "--allow-pickle", "--mask-rank", "4")
     assert other.returncode == 2 and other.stderr.strip().endswith("the store uses mask_rank=8, not 4")
+
+
+def test_preset_choices_are_the_zoos_presets():
+    from opd_lens.cli import _preset_names
+    from opd_lens.zoo import PRESETS
+
+    assert _preset_names() == tuple(PRESETS)
+    bad = opd_lens("zoo", "--out", "z", "--preset", "nope")
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr and all(p in bad.stderr for p in PRESETS)

@@ -13,7 +13,7 @@ import torch
 import opd_lens
 from opd_lens.diagnostics import Settings, matrix_diagnostics
 from opd_lens.engine import resolve_device
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,7 +9,7 @@ import xarray as xr
 
 import opd_lens
 from opd_lens.diagnostics import Settings
-from opd_lens.synthetic import write_planted_run
+from opd_lens.testing import write_planted_run
 
 distributed = pytest.importorskip("dask.distributed")
 

@@ -38,7 +38,7 @@ from opd_lens.diagnostics import (
     top_spectrum,
 )
 from opd_lens.diagnostics.trajectory import hill_alpha, stable_rank
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import qwen3_shapes, random_state_dict
+from conftest import random_state_dict, tiny_config
 
 import opd_lens
 from opd_lens.checkpoints import find_checkpoints, open_checkpoint, save_checkpoint
@@ -29,7 +29,7 @@ from opd_lens.cli import main
 from opd_lens.diagnostics import Settings
 from opd_lens.errors import CheckpointNotFoundError, CheckpointWarning, CorruptCheckpointError
 from opd_lens.schema import SCALARS
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, qwen3_shapes, write_planted_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -120,7 +120,7 @@ def overwrite(file: Path, offset: int, data: bytes) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", list(WRITERS))
 def test_every_tensor_read_equals_the_source(tmp_path, layout, dtype):
-    sd = random_state_dict(qwen3_shapes(n_layers=2), dtype)
+    sd = random_state_dict(qwen3_shapes(tiny_config(2)), dtype)
     step_dir = WRITERS[layout](tmp_path, sd, 7)
     ckpt = open_checkpoint(step_dir)
     assert ckpt.path == step_dir
@@ -139,7 +139,7 @@ def test_every_tensor_read_equals_the_source(tmp_path, layout, dtype):
 
 
 def test_reads_are_per_tensor_and_a_garbled_tensor_names_its_file(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.bfloat16)
     fsdp = write_hf_fsdp(tmp_path / "checkpoint-1", sd, 1) / "pytorch_model_fsdp_0"
     file, offset, length = data_region(fsdp, f"model.{DOWN}")
     overwrite(file, offset, b"\xff" * length)  # only down_proj's bytes: the file keeps its size
@@ -153,7 +153,7 @@ def test_reads_are_per_tensor_and_a_garbled_tensor_names_its_file(tmp_path):
 
 
 def test_fingerprint_covers_the_data_files(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.float32)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.float32)
     step_dir = write_prime_rl(tmp_path / "step_1", sd, 1)
     before = open_checkpoint(step_dir).fingerprint
     assert open_checkpoint(step_dir).fingerprint == before
@@ -213,7 +213,7 @@ def _no_warnings(run: Path):
 
 
 def test_find_checkpoints_in_each_dcp_layout(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.bfloat16)
     for layout in WRITERS:
         run = tmp_path / layout
         for step in (20, 5, 10):
@@ -227,7 +227,7 @@ def test_find_checkpoints_in_each_dcp_layout(tmp_path):
 
 
 def test_prime_rl_prefers_its_hf_weights_over_dcp(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.bfloat16)
     for step in (1, 2):
         WRITERS["prime-rl"](tmp_path, sd, step)
         save_checkpoint(tmp_path / "weights" / f"step_{step}", sd)
@@ -283,7 +283,7 @@ def test_bad_dcp_steps_are_skipped_with_one_line_naming_the_file(planted, tmp_pa
 
 
 def test_garbled_or_hostile_metadata_is_refused_naming_it(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.bfloat16)
     for step in (1, 2, 3):
         write_prime_rl(tmp_path / f"step_{step}", sd, step)
     garbled = tmp_path / "step_2" / "trainer" / ".metadata"
@@ -310,7 +310,7 @@ class _RunsCode:
 
 
 def test_dcp_without_model_weights_is_not_a_checkpoint(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.bfloat16)
     optimizer = write_hf_fsdp(tmp_path / "checkpoint-1", sd, 1) / "optimizer_0"
     with pytest.raises(CheckpointNotFoundError, match="a torch DCP checkpoint without model weights"):
         open_checkpoint(optimizer)
@@ -497,7 +497,7 @@ def test_cli_compute_of_a_foreign_run_is_one_line_per_step_and_one_error(tmp_pat
 
 
 def test_cli_inspect_of_a_dcp_run(tmp_path, capsys):
-    sd = random_state_dict(qwen3_shapes(n_layers=2), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(2)), torch.bfloat16)
     for step in (1, 2):
         WRITERS["hf-fsdp"](tmp_path, sd, step)
     assert main(["inspect", str(tmp_path)]) == 0
@@ -507,7 +507,7 @@ def test_cli_inspect_of_a_dcp_run(tmp_path, capsys):
 
 
 def test_a_dcp_step_still_being_written_has_no_metadata_yet(tmp_path):
-    sd = random_state_dict(qwen3_shapes(n_layers=1), torch.bfloat16)
+    sd = random_state_dict(qwen3_shapes(tiny_config(1)), torch.bfloat16)
     for step in (1, 2):
         WRITERS["prime-rl"](tmp_path, sd, step)
     (tmp_path / "checkpoints" / "step_2" / "trainer" / ".metadata").unlink()  # DCP writes it last

@@ -37,10 +37,9 @@ import opd_lens
 from opd_lens.checkpoints import matched_matrices, open_checkpoint, plan_matrices, save_checkpoint
 from opd_lens.checkpoints.names import natural_key
 from opd_lens.diagnostics import Settings
-from opd_lens.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
+from opd_lens.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError, StoreError
 from opd_lens.schema import SCALARS
-from opd_lens.store import StoreError
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,10 +14,9 @@ from opd_lens import open_store
 from opd_lens.checkpoints.writer import save_checkpoint
 from opd_lens.cli import main
 from opd_lens.diagnostics import Settings
-from opd_lens.errors import ZooError
+from opd_lens.errors import StoreError, ZooError
 from opd_lens.locking import lock_alignment, lock_summary
-from opd_lens.store import StoreError
-from opd_lens.synthetic import qwen3_config, qwen3_shapes
+from opd_lens.testing import qwen3_config, qwen3_shapes
 from opd_lens.widgets import RetrainJob
 from opd_lens.zoo import load_zoo, rank_constrained_retrain, retrain_accuracy
 from opd_lens.zoo.train import STATE, Cancelled

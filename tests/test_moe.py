@@ -16,7 +16,7 @@ import xarray as xr
 import opd_lens
 from opd_lens.checkpoints import checkpoint_path, find_checkpoints, save_checkpoint
 from opd_lens.diagnostics import Settings, matrix_diagnostics, sim_k
-from opd_lens.synthetic import write_planted_run
+from opd_lens.testing import write_planted_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

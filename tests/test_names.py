@@ -20,9 +20,9 @@ from conftest import (
     KV_HEADS,
     QWEN3_CONFIG,
     VOCAB,
-    qwen3_shapes,
     qwen3_state_dict,
     random_state_dict,
+    tiny_config,
     write_raw_checkpoint,
 )
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from opd_lens.checkpoints import GLOBAL_LAYER, MatrixPlan, open_checkpoint, plan_matrices, save_checkpoint
 from opd_lens.errors import CheckpointError
+from opd_lens.testing import qwen3_shapes
 
 H, Q, KV, INTER = HIDDEN, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, INTERMEDIATE
 
@@ -78,7 +79,7 @@ def _e2e(path: Path, sd, expected, config=None, include_globals=False, raw_shard
 
 @pytest.mark.parametrize("model_type", ["qwen3", "llama", "mistral", None])
 def test_llama_family_plan(model_type):
-    shapes = qwen3_shapes(n_layers=3)
+    shapes = qwen3_shapes(tiny_config(3))
     shapes["model.layers.1.self_attn.q_proj.bias"] = (Q,)  # Qwen2-style biases are never analysed
     config = None if model_type is None else {**QWEN3_CONFIG, "model_type": model_type}
     plan = plan_matrices(shapes, config)
@@ -97,7 +98,7 @@ def test_llama_family_plan(model_type):
 
 
 def test_llama_family_globals_opt_in():
-    plan = plan_matrices(qwen3_shapes(n_layers=1), QWEN3_CONFIG, include_globals=True)
+    plan = plan_matrices(qwen3_shapes(tiny_config(1)), QWEN3_CONFIG, include_globals=True)
     by = plan.by_key()
     assert by[GLOBAL_LAYER, "model.embed_tokens"].shape == (VOCAB, H)
     assert by[GLOBAL_LAYER, "lm_head"].shape == (VOCAB, H)
@@ -110,7 +111,7 @@ def test_llama_family_globals_opt_in():
 
 
 def test_layers_sort_numerically():
-    plan = plan_matrices(qwen3_shapes(n_layers=12))
+    plan = plan_matrices(qwen3_shapes(tiny_config(12)))
     layers = [r.layer for r in plan.matrices]
     assert layers == sorted(layers)
     assert layers[-1] == 11 and len(layers) == 12 * 7

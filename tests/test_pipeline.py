@@ -8,7 +8,7 @@ import xarray as xr
 
 import opd_lens
 from opd_lens.engine import pipeline
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from opd_lens.checkpoints import open_checkpoint
 from opd_lens.errors import CheckpointWarning
 from opd_lens.locking import SubspaceError, SubspaceProjector, Subspaces, subspaces_from_checkpoint
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

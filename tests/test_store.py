@@ -36,9 +36,10 @@ from opd_lens.errors import (
     CheckpointWarning,
     OpdLensError,
     ShapeMismatchError,
+    StoreError,
+    StoreLockedError,
 )
-from opd_lens.store import StoreError, StoreLockedError
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.testing import qwen3_config, write_planted_run
 
 SET = Settings(angle_k=16, mask_rank=8)
 VARIABLES = {

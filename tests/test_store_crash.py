@@ -24,9 +24,8 @@ import xarray as xr
 
 import opd_lens
 from opd_lens.diagnostics import Settings
-from opd_lens.errors import CheckpointWarning
-from opd_lens.store import StoreError
-from opd_lens.synthetic import qwen3_config, write_planted_run
+from opd_lens.errors import CheckpointWarning, StoreError
+from opd_lens.testing import qwen3_config, write_planted_run
 
 SET = Settings(angle_k=16, mask_rank=8)
 STEP_VARIABLES = (

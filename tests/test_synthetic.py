@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opd_lens.checkpoints import find_checkpoints, open_checkpoint
-from opd_lens.synthetic import SPECTRA, write_planted_run
+from opd_lens.testing import SPECTRA, write_planted_run
 
 
 def _spectra(tmp_path, spectrum: str, rank: int = 4) -> dict[str, np.ndarray]:

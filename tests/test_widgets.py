@@ -125,7 +125,7 @@ def test_monitor_series_and_alarms_match_numpy(widget_store, ds):
 
 def test_monitor_follows_new_checkpoints(tmp_path):
     from opd_lens.diagnostics import Settings
-    from opd_lens.synthetic import qwen3_config, write_planted_run
+    from opd_lens.testing import qwen3_config, write_planted_run
 
     origin, run = write_planted_run(tmp_path / "run", config=qwen3_config(layers=1, hidden=16, intermediate=32))
     store = open_store(tmp_path / "store", Settings(angle_k=4, mask_rank=4))

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints import find_checkpoints, matched_matrices, open_checkpoint
-from ..errors import CheckpointError, CheckpointWarning
+from ..errors import CheckpointError, CheckpointWarning, StepError, StoreError
 from ..schema import SCHEMA_VERSION
-from ..store import Store, StoreError
+from ..store import Store
 from .lock import update_lock_alignment
-from .pipeline import StepError, resolve_device, run_dask, run_local
+from .pipeline import resolve_device, run_dask, run_local
 from .plan import plan_run
 
 __all__ = ["ComputeReport", "add_run", "compute_store", "resolve_device"]

@@ -34,7 +34,7 @@ from ..diagnostics import (
     matrix_diagnostics,
     nonfinite_diagnostics,
 )
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StepError
 from ..schema import ANGLES, STEP_SCALARS
 from ..store import Store, write_step
 from .plan import RunPlan, StepTask
@@ -49,10 +49,6 @@ intra-op thread: their LAPACK calls and selections (``eigh``, ``kthvalue``) keep
 READ_AHEAD_BYTES = 2**26
 """Weights the reader may hold ahead of the compute: 64 MiB, so reading overlaps computing for the many small
 matrices where it matters, and the largest matrices (whose compute dwarfs their read) add no memory."""
-
-
-class StepError(CheckpointError):
-    """A checkpoint (not the origin) could not be read: its step is skipped, the others go on."""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
-from ..errors import CheckpointError, CheckpointWarning
+from ..errors import CheckpointError, CheckpointWarning, StoreError
 from ..schema import added_after
-from ..store import Store, StoreError
+from ..store import Store
 
 __all__ = ["StepTask", "RunPlan", "plan_run", "endpoint_steps"]
 

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..store import Store, StoreError, open_store
+from ..errors import StoreError
+from ..store import Store, open_store
 
 __all__ = ["lock_alignment", "lock_summary"]
 

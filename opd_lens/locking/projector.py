@@ -22,16 +22,12 @@ from safetensors.torch import save_file
 
 from ..checkpoints import Checkpoint, matched_matrices, open_checkpoint
 from ..diagnostics import svd64
-from ..errors import CheckpointWarning, OpdLensError
+from ..errors import CheckpointWarning, SubspaceError
 
 __all__ = ["MODES", "SubspaceError", "SubspaceProjector", "Subspaces", "subspaces_from_checkpoint"]
 
 MODES = ("gradient", "update")
 _FORMAT = "opd_lens.subspaces"
-
-
-class SubspaceError(OpdLensError, ValueError):
-    """A subspace file cannot be read, or subspaces do not fit the model they are bound to."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,7 +9,8 @@ import anywidget
 import numpy as np
 import traitlets
 
-from ..store import Store, StoreError, open_store
+from ..errors import StoreError
+from ..store import Store, open_store
 from ._data import wire
 from ._static import STATIC
 

@@ -1,8 +1,10 @@
-"""Synthetic checkpoint series with a planted update, written in real trainer layouts.
+"""Testing helpers (like :mod:`xarray.testing`): synthetic checkpoint series with a planted update, written in real
+trainer layouts, for tests, benchmarks and demos.
 
-For tests, benchmarks and the foundation demo: a tiny Qwen3-shaped model whose cumulative update ΔW_t = (t/T)·D
-grows along one fixed direction D of known spectrum (see ``SPECTRA``), so the diagnostics have known structure (a
-locked right subspace, a stable rank set by the spectrum, partial bf16 sparsity).
+:func:`write_planted_run` writes an origin and a run of a tiny Qwen3-shaped model (:func:`qwen3_config`,
+:func:`qwen3_shapes`) whose cumulative update ΔW_t = (t/T)·D grows along one fixed direction D of known spectrum
+(:func:`update_direction`, one of ``SPECTRA``), so the diagnostics have known structure (a locked right subspace, a
+stable rank set by the spectrum, partial bf16 sparsity).
 """
 
 from __future__ import annotations
