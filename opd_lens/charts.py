@@ -27,6 +27,7 @@ __all__ = [
     "overlaps",
     "angle_profiles",
     "constrained_accuracy",
+    "channel_overlap",
     "enable_offline",
 ]
 
@@ -187,7 +188,10 @@ def angle_profiles(ds: xr.Dataset, run: str, layer: int, module: str, step: int 
     df = pd.concat(
         [da.to_series().rename("angle").reset_index().assign(side=side) for side, da in sides.items()]
     ).dropna(subset=["angle"])[["angle_index", "side", "angle"]]
-    title = alt.Title(f"Principal angles, {module} layer {layer}", subtitle=f"run {run}, step {step}")
+    subtitle = [f"run {run}, step {step}"]
+    if absent := [side.split()[0] for side, da in sides.items() if bool(da.isnull().all())]:
+        subtitle.append(f"{absent[0]} side not shown: k spans that whole side, so its angles are 0 by construction")
+    title = alt.Title(f"Principal angles, {module} layer {layer}", subtitle=subtitle)
     base = alt.Chart(df).encode(
         x=alt.X("angle_index:Q", title="rank index i"),
         y=alt.Y("angle:Q", title="principal angle θ_i (°)"),
@@ -223,6 +227,43 @@ def constrained_accuracy(table: pd.DataFrame) -> alt.LayerChart:
         legend=_LINE_LEGEND,
     )
     return _dashed_lines(base, dash).properties(title="Held-out accuracy, constrained vs plain")
+
+
+def channel_overlap(over: xr.DataArray, *, other_step: int | None = None) -> alt.LayerChart:
+    """Do two runs share a channel? :func:`opd_lens.locking.channel_overlap` per module (mean over layers, one
+    line each) against the first run's step, with the chance level K/n of each input width as a dashed rule.
+    ``other_step``: which of the other run's steps (default: its last in ``over``)."""
+    if over.name != "channel_overlap" or "other_step" not in over.dims:
+        raise ChartError("expected the DataArray of opd_lens.locking.channel_overlap")
+    steps = over.other_step.values.tolist()
+    other_step = steps[-1] if other_step is None else other_step
+    _check("other_step", [other_step], steps)
+    mean = over.sel(other_step=other_step).mean("layer")
+    df = mean.to_dataframe(name="sim").reset_index().dropna(subset=["sim"])[["step", "module", "sim"]]
+    run, other, k = over.attrs["run"], over.attrs["other_run"], over.attrs["lock_k"]
+    modules = [str(m) for m in over.module.values]
+    color = alt.Color("module:N", title="module", scale=alt.Scale(domain=modules))
+    line = (
+        alt.Chart(df)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:Q", title=f"{run} step"),
+            y=alt.Y("sim:Q", title=f"Sim_{k} to {other} at step {other_step}", scale=alt.Scale(domain=[0, 1])),
+            color=color,
+            tooltip=["module:N", "step:Q", alt.Tooltip("sim:Q", format=".3f", title=f"Sim_{k}")],
+        )
+    )
+    chance = pd.DataFrame({"chance": sorted({float(c) for c in over.chance.values if np.isfinite(c)})})
+    rule = alt.Chart(chance).mark_rule(strokeDash=[4, 4], color="gray").encode(y="chance:Q")
+    levels = ", ".join(f"{c:.3g} (n = {round(k / c)})" for c in chance.chance)
+    title = alt.Title(
+        f"{run}'s channel against {other}'s (Sim_{k}, mean over layers)",
+        subtitle=[
+            "1: the same K-dimensional input subspace",
+            f"dashed: chance K/n for two random subspaces of the input width n: {levels}",
+        ],
+    )
+    return alt.layer(rule, line).properties(width=_WIDTH, title=title)
 
 
 def enable_offline() -> None:

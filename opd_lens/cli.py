@@ -18,7 +18,7 @@ from ._version import __version__
 from .api import Store, open_store
 from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.formats import PICKLE_ENV
-from .diagnostics import Settings
+from .diagnostics import Settings, subspace_k
 from .errors import OpdLensError, StoreError
 from .summary import summarize
 
@@ -108,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--lock-k", type=int, help=f"K of Sim_K for a new store (default {Settings.lock_k})")
     comp.add_argument(
-        "--angle-k", type=int, help=f"k of the principal angles for a new store (default {Settings.angle_k})"
+        "--angle-k",
+        type=_angle_k,
+        help="k of the principal angles for a new store: a count, or a fraction of each matrix's smaller side "
+        f"such as 1/8 (the paper's 512 of 4096; default {Settings.angle_k})",
     )
     comp.add_argument(
         "--mask-rank", type=int, help=f"rank r of the principal mask for a new store (default {Settings.mask_rank})"
@@ -185,6 +188,19 @@ def _pickle_arg(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"also read .bin/.pt checkpoints, with torch.load(weights_only=True) (or set {PICKLE_ENV}=1)",
     )
+
+
+def _angle_k(text: str) -> int | float:
+    """``--angle-k``: an integer count, or a fraction given as ``1/8`` or ``0.125``."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else (int(text) if text.strip().lstrip("+").isdigit() else float(text))
+        subspace_k(value, 1, 1)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"expected a count >= 1 or a fraction in (0, 1) such as 1/8, got {text!r}"
+        ) from None
+    return value
 
 
 def _open(args: argparse.Namespace) -> Store:

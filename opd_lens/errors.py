@@ -13,6 +13,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedTensorError",
     "CheckpointWarning",
+    "SettingsWarning",
     "StepError",
     "StoreError",
     "StoreLockedError",
@@ -57,6 +58,11 @@ class CheckpointWarning(UserWarning):
     def __init__(self, message: str = "", path: str | os.PathLike | None = None):
         super().__init__(message)
         self.path = path
+
+
+class SettingsWarning(UserWarning):
+    """Some matrices of a run are too small for a setting (``angle_k``, ``mask_rank``, ``lock_k``): the values it
+    governs are NaN for them, since they would be fixed by construction rather than measured."""
 
 
 class StoreError(OpdLensError):

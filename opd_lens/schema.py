@@ -15,10 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["SCHEMA_VERSION", "Variable", "VARIABLES", "SCALARS", "ANGLES", "STEP_SCALARS", "added_after"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Variable",
+    "VARIABLES",
+    "SCALARS",
+    "ANGLES",
+    "STEP_SCALARS",
+    "added_after",
+    "changed_after",
+]
 
-SCHEMA_VERSION = 2
-"""1: the first release; 2: ``channel_energy``."""
+SCHEMA_VERSION = 3
+"""1: the first release; 2: ``channel_energy``; 3: NaN, not a value fixed by construction, where a matrix is too
+small for ``angle_k``, ``mask_rank`` or ``lock_k`` (the angles, ``principal_overlap``, ``channel_energy``,
+``lock_alignment``)."""
 
 MATRIX_DIMS = ("run", "step", "layer", "module")
 PROFILE_DIMS = (*MATRIX_DIMS, "angle_index")
@@ -41,11 +52,16 @@ class Variable:
     """The function whose docstring gives the definition."""
     since: int = 1
     """The schema version that added it."""
+    revised: int = 1
+    """The schema version that last changed how its values are computed."""
+    comment: str = ""
+    """When the value is NaN although the step was computed (the CF ``comment`` attribute)."""
 
     @property
     def attrs(self) -> dict[str, str]:
         """The variable's attributes in the Dataset."""
-        return {"long_name": self.long_name, "units": self.units, "description": self.description}
+        out = {"long_name": self.long_name, "units": self.units, "description": self.description}
+        return out | {"comment": self.comment} if self.comment else out
 
     @property
     def title(self) -> str:
@@ -54,6 +70,20 @@ class Variable:
 
 
 _D = "opd_lens.diagnostics."
+_ANGLE_NAN = (
+    "NaN where the matrix's {side} ≤ k (angle_k): both top-k subspaces are then the whole space and the angles are "
+    "0 by construction (opd_lens.diagnostics.angle_sides)"
+)
+_ANGLE_NAN_U = _ANGLE_NAN.format(side="row count m")
+_ANGLE_NAN_V = _ANGLE_NAN.format(side="column count n")
+_MASK_NAN = (
+    "NaN where mask_rank ≥ min(m, n): W₀'s rank-r reconstruction is then W₀ itself and the mask a magnitude mask "
+    "(opd_lens.diagnostics.principal_mask_applies)"
+)
+_CHANNEL_NAN = (
+    "NaN where lock_k ≥ min(m, n): the top-K channel then holds every direction the update can use, so the value "
+    "is fixed by construction (opd_lens.diagnostics.channel_applies)"
+)
 VARIABLES: dict[str, Variable] = {
     v.name: v
     for v in (
@@ -101,6 +131,8 @@ VARIABLES: dict[str, Variable] = {
             "1",
             "Sim_K: alignment of ΔW's top-K right singular subspace with the final update's",
             _D + "sim_k",
+            revised=3,
+            comment=_CHANNEL_NAN,
         ),
         Variable(
             "principal_overlap",
@@ -110,6 +142,8 @@ VARIABLES: dict[str, Variable] = {
             "1",
             "share of updated entries inside W₀'s principal mask (random baseline: α)",
             _D + "principal_mask",
+            revised=3,
+            comment=_MASK_NAN,
         ),
         Variable(
             "lowmag_overlap",
@@ -128,6 +162,8 @@ VARIABLES: dict[str, Variable] = {
             "degree",
             "largest principal angle (degrees) between W₀'s and W_t's top-k left singular subspaces",
             _D + "principal_angles",
+            revised=3,
+            comment=_ANGLE_NAN_U,
         ),
         Variable(
             "max_angle_v",
@@ -137,6 +173,8 @@ VARIABLES: dict[str, Variable] = {
             "degree",
             "largest principal angle (degrees) between W₀'s and W_t's top-k right singular subspaces",
             _D + "principal_angles",
+            revised=3,
+            comment=_ANGLE_NAN_V,
         ),
         Variable(
             "spectral_shift",
@@ -156,6 +194,8 @@ VARIABLES: dict[str, Variable] = {
             "Σ_{i≤K} σ_i² / ‖ΔW‖_F²: how much of the update lies in its top-K right singular directions (K = lock_k)",
             _D + "channel_energy",
             since=2,
+            revised=3,
+            comment=_CHANNEL_NAN,
         ),
         Variable(
             "angles_u",
@@ -165,6 +205,8 @@ VARIABLES: dict[str, Variable] = {
             "degree",
             "principal angles (degrees, ascending) between W₀'s and W_t's top-k left singular subspaces",
             _D + "principal_angles",
+            revised=3,
+            comment=_ANGLE_NAN_U,
         ),
         Variable(
             "angles_v",
@@ -174,6 +216,8 @@ VARIABLES: dict[str, Variable] = {
             "degree",
             "principal angles (degrees, ascending) between W₀'s and W_t's top-k right singular subspaces",
             _D + "principal_angles",
+            revised=3,
+            comment=_ANGLE_NAN_V,
         ),
     )
 }
@@ -190,3 +234,8 @@ STEP_SCALARS = tuple(name for name in SCALARS if VARIABLES[name].when != "final"
 def added_after(version: int) -> list[str]:
     """The variables that a store of schema ``version`` lacks."""
     return [name for name, v in VARIABLES.items() if v.since > version]
+
+
+def changed_after(version: int) -> list[str]:
+    """The variables that steps computed under schema ``version`` lack or hold by an older definition."""
+    return [name for name, v in VARIABLES.items() if max(v.since, v.revised) > version]

@@ -40,7 +40,7 @@ from ._version import __version__
 from .cache import LockBases, OriginCache, settings_key
 from .checkpoints import Checkpoint
 from .checkpoints.names import natural_key
-from .diagnostics import Settings
+from .diagnostics import Settings, subspace_k
 from .errors import CheckpointError, OpdLensError, StoreError, StoreLockedError
 from .files import replacing
 from .schema import SCHEMA_VERSION, VARIABLES
@@ -154,13 +154,14 @@ class Store:
             out = runs[name] = _rebased(run, old, new)
             changed += sum(out[k] != run[k] for k in ("run_dir", "origin"))
             changed += sum(out["checkpoints"][s] != e for s, e in run["checkpoints"].items())
+        if not changed:
+            where = ", ".join(sorted({run["run_dir"] for run in self.runs.values()}))
+            raise StoreError(f"{self.path}: no recorded path lies below {old}; the runs are at {where}")
+        for name, out in runs.items():
             if missing := [out[k] for k in ("run_dir", "origin") if not os.path.exists(out[k])]:
                 raise StoreError(
                     f"{self.path}: run {name!r} would point to {missing[0]}, which does not exist; nothing changed"
                 )
-        if not changed:
-            where = ", ".join(sorted({run["run_dir"] for run in self.runs.values()}))
-            raise StoreError(f"{self.path}: no recorded path lies below {old}; the runs are at {where}")
         return runs, changed
 
     def _registry(self) -> dict[str, dict]:
@@ -468,7 +469,7 @@ class Store:
         """Create missing arrays and give ``run`` and the layers and modules of its matrices ``shapes`` a slot each,
         growing the grid (and ``angle_index``, and ``step`` to its first block of slots) in one step; idempotent, so a
         writer killed half-way is completed by the next. Returns dim -> {value: slot} for those values."""
-        k = min(self.settings.angle_k, max(min(shape) for shape in shapes.values()))
+        k = max(subspace_k(self.settings.angle_k, *shape) for shape in shapes.values())
         wanted = {
             "run": [run],
             "layer": sorted({layer for layer, _ in shapes}),

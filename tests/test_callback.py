@@ -46,7 +46,7 @@ class Monitor:
 def test_every_saved_checkpoint_reaches_the_store(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "origin")
-    open_store(tmp_path / "store", Settings(angle_k=4, mask_rank=4))
+    open_store(tmp_path / "store", Settings(angle_k=4, mask_rank=4, lock_k=4))  # every matrix has a channel
     monitor = Monitor()
     callback = OpdLensCallback(store=tmp_path / "store", origin=tmp_path / "origin", method="sft", monitor=monitor)
     make_trainer(model, tmp_path / "run", callback).train()

@@ -77,7 +77,8 @@ def test_trajectory_is_mean_min_max_over_matrices_per_existing_step(ds, metric):
     for key, (mean, lo, hi, n) in want.items():
         r = got[key]
         np.testing.assert_allclose([r["mean"], r["min"], r["max"]], [mean, lo, hi], rtol=1e-5)
-        assert r["matrices"] == n == 14
+        # lock_k = 16 ≥ the 8 rows of k/v (2 layers x 2): no channel to measure, NaN
+        assert r["matrices"] == n == (10 if metric == "lock_alignment" else 14)
         assert r["progress"] == pytest.approx(key[1] / max(RUNS[key[0]]["steps"]))
     assert any(r["min"] < r["max"] for r in got.values())  # a real band, not one matrix
 
@@ -151,12 +152,18 @@ def test_overlaps_at_the_last_step_against_the_random_baseline(ds):
 
 def test_angle_profiles_of_one_matrix(ds):
     got = rows(charts.angle_profiles(ds, "large", 1, "self_attn.k_proj"), "angle")
-    for side, var in (("U (left)", "angles_u"), ("V (right)", "angles_v")):
-        want = ds[var].sel(run="large", step=50, layer=1, module="self_attn.k_proj").values
-        assert np.isnan(want[8:]).all()  # k_proj is 8 x 32: 8 angles of 16, NaN dropped
-        mine = [r for r in got if r["side"] == side]
-        assert [r["angle_index"] for r in mine] == list(range(8))
-        np.testing.assert_allclose([r["angle"] for r in mine], want[:8], rtol=1e-6)
+    u = ds.angles_u.sel(run="large", step=50, layer=1, module="self_attn.k_proj").values
+    assert np.isnan(u).all() and not [r for r in got if r["side"] == "U (left)"]  # 8 rows ≤ k: 0 by construction
+    subtitle = charts.angle_profiles(ds, "large", 1, "self_attn.k_proj").to_dict()["title"]["subtitle"]
+    assert subtitle == [
+        "run large, step 50",
+        "U side not shown: k spans that whole side, so its angles are 0 by construction",
+    ]
+    want = ds.angles_v.sel(run="large", step=50, layer=1, module="self_attn.k_proj").values
+    assert np.isnan(want[8:]).all()  # k_proj is 8 x 32: 8 angles of 16, NaN dropped
+    mine = [r for r in got if r["side"] == "V (right)"]
+    assert [r["angle_index"] for r in mine] == list(range(8))
+    np.testing.assert_allclose([r["angle"] for r in mine], want[:8], rtol=1e-6)
     at_25 = rows(charts.angle_profiles(ds, "large", 0, "mlp.up_proj", step=25), "angle")
     want = ds.angles_v.sel(run="large", step=25, layer=0, module="mlp.up_proj").values
     np.testing.assert_allclose([r["angle"] for r in at_25 if r["side"] == "V (right)"], want, rtol=1e-6)

@@ -663,7 +663,7 @@ def test_endpoint_factors_keep_only_the_sides_with_angles(exact):
     np.testing.assert_allclose(both.s.numpy(), ref.s.numpy(), rtol=0, atol=1e-13)
     np.testing.assert_allclose(both.u.numpy() @ both.u.numpy().T, ref.u.numpy() @ ref.u.numpy().T, atol=1e-10)
     a0, a1 = principal_angles(w.shape, None, 512, wide, endpoint_factors(w * 1.01, Settings(angle_k=512)))
-    assert a1.shape == (100,) and bool((a1 == 0).all())  # the whole right space against itself
+    assert a1.shape == (100,) and bool(a1.isnan().all())  # the whole right space against itself: no measurement
     assert float(a0.max()) < 1e-6  # a scaled matrix has the same range
 
 

@@ -44,7 +44,7 @@ from opd_lens.testing import qwen3_config, write_planted_run
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIG = qwen3_config(layers=1, hidden=32, intermediate=48)
-SET = Settings(angle_k=16)
+SET = Settings(angle_k=8, mask_rank=8, lock_k=8)  # below every side of CONFIG's matrices (k/v: 16 x 32)
 W = "model.safetensors"
 UP = "model.layers.0.mlp.up_proj.weight"
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -72,7 +72,11 @@ def compute_args(run: Path, origin: Path, store: Path, name: str = "r") -> list[
         "--store",
         str(store),
         "--angle-k",
-        "16",
+        "8",
+        "--mask-rank",
+        "8",
+        "--lock-k",
+        "8",
         "--quiet",
     ]
 
@@ -444,6 +448,7 @@ def test_watch_skips_a_checkpoint_being_written_until_it_is_complete(tmp_path):
     (run / "checkpoint-3").rename(ready)
     data = (ready / W).read_bytes()
     store = tmp_path / "store"
+    opd_lens.open_store(store, SET)  # settings every matrix of CONFIG is large enough for: no warning line
     cmd = [sys.executable, "-m", "opd_lens.cli", "watch", str(run), "--origin", str(origin), "--name", "live"]
     proc = subprocess.Popen(
         [*cmd, "--store", str(store), "--interval", "0.2"],
@@ -487,7 +492,9 @@ def test_watch_skips_a_checkpoint_being_written_until_it_is_complete(tmp_path):
     assert rest == ["stopped; every completed step is in the store"], rest  # no second line about checkpoint-3
     ds = opd_lens.open_store(store).dataset()
     # watch computed steps 1 and 2 when 2 was last, so step 2 has principal angles too
-    fresh = opd_lens.compute(tmp_path / "fresh", run, origin=origin, name="live", endpoint=[2, 3], progress=False)
+    fresh = opd_lens.compute(
+        tmp_path / "fresh", run, origin=origin, name="live", endpoint=[2, 3], settings=SET, progress=False
+    )
     same_values(ds, fresh)
 
 

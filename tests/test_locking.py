@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd_lens import open_store
+from opd_lens import charts, open_store
 from opd_lens.checkpoints.writer import save_checkpoint
 from opd_lens.cli import main
 from opd_lens.diagnostics import Settings
-from opd_lens.errors import StoreError, ZooError
-from opd_lens.locking import lock_alignment, lock_summary
+from opd_lens.errors import ChartError, StoreError, ZooError
+from opd_lens.locking import channel_overlap, lock_alignment, lock_summary
 from opd_lens.testing import qwen3_config, qwen3_shapes
 from opd_lens.widgets import RetrainJob
 from opd_lens.zoo import load_zoo, rank_constrained_retrain, retrain_accuracy
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = (10, 20, 30, 40)
 K = 4
+ARTIFACTS = Path(__file__).parents[1] / "build" / "test-artifacts"
 
 
 def _rotating_run(root: Path) -> tuple[Path, Path]:
@@ -65,6 +66,68 @@ def _oracle_basis(origin: Path, ckpt: Path, name: str) -> np.ndarray:
     w0 = load_file(origin / "model.safetensors")[name].double().numpy()
     wt = load_file(ckpt / "model.safetensors")[name].double().numpy()
     return np.linalg.svd(wt - w0)[2][:K].T
+
+
+def test_channel_overlap_across_runs_matches_a_numpy_oracle(lock_store):
+    """Sim_K between the channels of two runs from one origin, from the cached bases: every cell against numpy."""
+    store, origin, runs = lock_store
+    over = channel_overlap(store, "turning", "locked", other_steps=[10, 40])
+    assert over.dims == ("step", "other_step", "layer", "module") and over.shape[:2] == (4, 2)
+    assert over.attrs["run"] == "turning" and over.attrs["lock_k"] == K and over.attrs["units"] == "1"
+    shapes = qwen3_shapes(qwen3_config(layers=1, hidden=32, intermediate=48))
+    for module in over.module.values:
+        name = f"model.layers.0.{module}.weight"
+        assert float(over.chance.sel(module=module)) == K / shapes[name][1]  # K/n: two random K-dim subspaces
+        for s in (10, 40):
+            theirs = _oracle_basis(origin, runs / "locked" / f"checkpoint-{s}", name)
+            for t in STEPS:
+                mine = _oracle_basis(origin, runs / "turning" / f"checkpoint-{t}", name)
+                cell = float(over.sel(step=t, other_step=s, layer=0, module=module))
+                assert cell == pytest.approx(np.linalg.norm(mine.T @ theirs) ** 2 / K, abs=1e-6)
+    # known answers: "locked" keeps channel A throughout; "turning" starts near A and ends between A and B
+    same = channel_overlap(store, "locked", "locked")
+    assert float(same.min()) == pytest.approx(1.0, abs=1e-6)  # float32 storage
+    mean = over.sel(other_step=40).mean(["layer", "module"])
+    assert float(mean.sel(step=10)) > 0.9 and bool((mean.diff("step") < 0).all())
+    assert float(mean.sel(step=40)) < 2 * float(over.chance.mean())  # channel B against A: chance level
+
+
+def test_channel_overlap_chart_reads_at_a_glance(lock_store):
+    store, *_ = lock_store
+    over = channel_overlap(store, "turning", "locked", other_steps=[10, 40])
+    chart = charts.channel_overlap(over)
+    spec = chart.to_dict()
+    line = spec["layer"][1]
+    assert line["encoding"]["x"]["title"] == "turning step"
+    assert line["encoding"]["y"]["title"] == f"Sim_{K} to locked at step 40"
+    assert "turning's channel against locked's" in spec["title"]["text"]
+    assert spec["title"]["subtitle"][1].endswith("0.0833 (n = 48), 0.125 (n = 32)")
+    assert [row["chance"] for row in spec["datasets"][spec["layer"][0]["data"]["name"]]] == [4 / 48, 4 / 32]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    chart.save(ARTIFACTS / "channel-overlap.png")  # looked at: lines per module, two dashed chance rules
+    with pytest.raises(ChartError, match="unknown other_step 20"):
+        charts.channel_overlap(over, other_step=20)
+    with pytest.raises(ChartError, match="expected the DataArray"):
+        charts.channel_overlap(over.rename("x"))
+
+
+def test_channel_overlap_refuses_runs_from_different_origins(lock_store, tmp_path):
+    store, origin, runs = lock_store
+    shutil.copytree(store.path, tmp_path / "store")
+    copy = open_store(tmp_path / "store", create=False)
+    other = tmp_path / "other"
+    config = qwen3_config(layers=1, hidden=32, intermediate=48)
+    w = {n: torch.randn(s, generator=torch.Generator().manual_seed(9)) for n, s in qwen3_shapes(config).items()}
+    save_checkpoint(other / "origin", w, config=config)
+    save_checkpoint(other / "run" / "checkpoint-5", {n: v + 0.01 for n, v in w.items()}, step=5, config=config)
+    copy.add_run("elsewhere", other / "run", other / "origin")
+    copy.compute(progress=False, endpoint="none")
+    with pytest.raises(StoreError, match="start from different origins"):
+        channel_overlap(copy, "turning", "elsewhere")
+    with pytest.raises(StoreError, match="no computed run 'nope'"):
+        channel_overlap(copy, "turning", "nope")
+    with pytest.raises(StoreError, match=r"run 'locked' has no computed step 15; it has \[10, 20, 30, 40\]"):
+        channel_overlap(copy, "turning", "locked", other_steps=15)
 
 
 def test_lock_alignment_matches_a_numpy_oracle(lock_store):

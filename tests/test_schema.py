@@ -16,7 +16,7 @@ import zarr
 
 import opd_lens
 from opd_lens import charts
-from opd_lens.schema import ANGLES, SCALARS, SCHEMA_VERSION, STEP_SCALARS, VARIABLES, added_after
+from opd_lens.schema import ANGLES, SCALARS, SCHEMA_VERSION, STEP_SCALARS, VARIABLES, added_after, changed_after
 from opd_lens.widgets._data import explorer_payload
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
@@ -61,16 +61,27 @@ def test_the_table_is_consistent():
     assert set(STEP_SCALARS) <= set(opd_lens.diagnostics.MatrixDiagnostics.__dataclass_fields__)
     for v in VARIABLES.values():
         assert v.long_name and v.description and v.units in ("1", "degree"), v.name
-        assert v.when in ("step", "endpoint", "final") and 1 <= v.since <= SCHEMA_VERSION
+        assert (
+            v.when in ("step", "endpoint", "final")
+            and 1 <= v.since <= v.revised <= SCHEMA_VERSION
+            or (v.revised == 1 and v.since <= SCHEMA_VERSION)
+        )
         module, _, name = v.formula.rpartition(".")
         assert hasattr(__import__(module, fromlist=[name]), name), v.formula  # the formula it names exists
     assert added_after(1) == ["channel_energy"] and added_after(SCHEMA_VERSION) == []
+    assert set(changed_after(2)) == {"lock_alignment", "principal_overlap", "channel_energy", *ANGLES} | {
+        "max_angle_u",
+        "max_angle_v",
+    }
+    assert changed_after(SCHEMA_VERSION) == []
 
 
 def test_every_variable_carries_its_attributes_and_the_views_their_labels(migrated):
     _, _, ds = migrated
     for name, v in VARIABLES.items():
-        assert ds[name].attrs == {"long_name": v.long_name, "units": v.units, "description": v.description}
+        expected = {"long_name": v.long_name, "units": v.units, "description": v.description}
+        assert ds[name].attrs == expected | ({"comment": v.comment} if v.comment else {})
+    assert "NaN where the matrix's column count n ≤ k" in ds.max_angle_v.attrs["comment"]
     payload = explorer_payload(ds)
     assert payload["labels"] == {m: VARIABLES[m].description for m in SCALARS}
     spec = charts.trajectory(ds, "max_angle_v").to_dict()

@@ -13,16 +13,20 @@ Update support (``support``)
 
 Masks (``masks``)
     principal_mask(w0, rank=64, alpha=0.5)
-        top-⌈α·m·n⌉ entries of |U_r Σ_r V_rᵀ| (rank-r reconstruction of W_0).
+        top-⌈α·m·n⌉ entries of |U_r Σ_r V_rᵀ| (rank-r reconstruction of W_0); meaningful for r < min(m, n)
+        (``principal_mask_applies``).
     lowmag_mask(w0, alpha=0.5)
         bottom-⌈α·m·n⌉ entries of |W_0|.
     mask_overlap(mask, update)
         |M ∩ M_upd| / |M_upd|; the random baseline is α.
+    tie_overlap_range(scores, alpha, update)
+        the least and greatest overlap over every way of breaking ties at the mask's threshold.
 
 Endpoint spectra (``spectral``)
     principal_angles(w0, wt, k=512)
-        degrees between top-k left (U) and right (V) singular subspaces of W_0 and W_t, k ≤ min(m, n);
-        cos θ_i = σ_i(U_{0,k}ᵀ U_{t,k}), small angles from the sines of (I − U_0U_0ᵀ)U_t.
+        degrees between top-k left (U) and right (V) singular subspaces of W_0 and W_t, k ≤ min(m, n) or a
+        fraction of it (``subspace_k``); cos θ_i = σ_i(U_{0,k}ᵀ U_{t,k}), small angles from the sines of
+        (I − U_0U_0ᵀ)U_t; NaN on a side of dimension k, where they are zero by construction (``angle_sides``).
     spectral_shift(s0, st)
         ‖σ(W_t) − σ(W_0)‖₂ / ‖σ(W_0)‖₂ over full spectra.
 
@@ -30,6 +34,7 @@ Trajectory of ΔW_t (``trajectory``)
     update_fro(dw)          ‖ΔW‖_F.
     stable_rank(s)          ‖ΔW‖_F² / σ_1(ΔW)².
     channel_energy(s, fro)  Σ_{i≤K} σ_i² / ‖ΔW‖_F², the share of ΔW in its top-K channel.
+    channel_applies(shape)  K < min(m, n): otherwise the channel energy and Sim_K are fixed by construction.
     hill_alpha(s, k=10)     [ (1/(k−1)) Σ_{i<k} log(σ_i/σ_k) ]⁻¹ over the top-k singular values.
     sim_k(va, vb)           ‖V_aᵀ V_b‖_F² / K for top-K right singular bases, K = 16.
 
@@ -54,7 +59,16 @@ Linear algebra (``linalg``)
 from .krylov import KRYLOV_TOL, TopSpectrum, krylov_budget, top_spectrum
 from .linalg import Factors, all_finite, gram_svd, subspace_angles, svd64, top_right_singular_vectors
 from .lora import lora_diagnostics, lora_spectrum, lora_update_mask, lora_weight
-from .masks import MASK_ALPHA, MASK_RANK, fraction_mask, lowmag_mask, mask_overlap, principal_mask
+from .masks import (
+    MASK_ALPHA,
+    MASK_RANK,
+    fraction_mask,
+    lowmag_mask,
+    mask_overlap,
+    principal_mask,
+    principal_mask_applies,
+    tie_overlap_range,
+)
 from .matrix import (
     MatrixDiagnostics,
     OriginFactors,
@@ -64,12 +78,14 @@ from .matrix import (
     nonfinite_diagnostics,
     origin_factors,
 )
-from .spectral import ANGLE_K, principal_angles, spectral_shift
+from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift, subspace_k
 from .support import ETA, UpdatePass, unchanged_fraction, update_mask, update_pass
-from .trajectory import HILL_K, LOCK_K, channel_energy, hill_alpha, sim_k, stable_rank, update_fro
+from .trajectory import HILL_K, LOCK_K, channel_applies, channel_energy, hill_alpha, sim_k, stable_rank, update_fro
 
 __all__ = [
     "all_finite",
+    "angle_sides",
+    "channel_applies",
     "channel_energy",
     "endpoint_factors",
     "gram_svd",
@@ -101,11 +117,14 @@ __all__ = [
     "origin_factors",
     "principal_angles",
     "principal_mask",
+    "principal_mask_applies",
     "sim_k",
     "spectral_shift",
     "stable_rank",
     "subspace_angles",
+    "subspace_k",
     "svd64",
+    "tie_overlap_range",
     "top_right_singular_vectors",
     "top_spectrum",
     "unchanged_fraction",

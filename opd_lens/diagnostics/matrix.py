@@ -15,10 +15,10 @@ import torch
 from . import bits
 from .krylov import TopSpectrum, krylov_applies, start_block, top_spectrum
 from .linalg import Factors, gram_svd, svd64
-from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask
-from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift
+from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask, principal_mask_applies
+from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift, subspace_k
 from .support import ETA, UpdatePass, update_pass
-from .trajectory import HILL_K, LOCK_K, channel_energy, hill_alpha, stable_rank
+from .trajectory import HILL_K, LOCK_K, channel_applies, channel_energy, hill_alpha, stable_rank
 
 __all__ = [
     "Settings",
@@ -34,16 +34,32 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Settings:
-    """The hyper-parameters of the diagnostics (recorded with every result)."""
+    """The hyper-parameters of the diagnostics (recorded with every result).
+
+    A value that a matrix is too small for is NaN rather than a number fixed by construction: the angles of a side
+    whose dimension is ≤ ``angle_k`` (see :func:`~opd_lens.diagnostics.angle_sides`), the principal overlap when
+    ``mask_rank`` ≥ min(m, n) (:func:`~opd_lens.diagnostics.principal_mask_applies`), Sim_K and the channel
+    energy when ``lock_k`` ≥ min(m, n) (:func:`~opd_lens.diagnostics.channel_applies`)."""
 
     eta: float = ETA
     mask_rank: int = MASK_RANK
     mask_alpha: float = MASK_ALPHA
-    angle_k: int = ANGLE_K
+    angle_k: int | float = ANGLE_K
+    """k of the principal angles: an integer, or a fraction of each matrix's smaller side (``1/8``: the paper's
+    512 of 4096), see :func:`~opd_lens.diagnostics.subspace_k`."""
     lock_k: int = LOCK_K
     hill_k: int = HILL_K
     exact: bool = False
     """Trajectory spectra of ΔW_t by full float64 SVD instead of the (default) block Krylov fast path."""
+
+    def __post_init__(self):
+        try:
+            subspace_k(self.angle_k, 1, 1)
+        except ValueError as e:
+            raise ValueError(f"angle_k: {e}") from None
+        for name in ("mask_rank", "lock_k", "hill_k"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
 
     def asdict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -92,7 +108,7 @@ def origin_factors(w0: torch.Tensor, settings: Settings = Settings()) -> OriginF
     checkpoints need later is kept."""
     m, n = w0.shape[-2:]
     r = min(settings.mask_rank, m, n)
-    f = _factorize(w0, max(min(settings.angle_k, m, n), r), settings.exact)
+    f = _factorize(w0, max(subspace_k(settings.angle_k, m, n), r), settings.exact)
     principal = principal_mask(w0, r, settings.mask_alpha, f)
     return OriginFactors(
         factors=keep_angle_sides(f, settings.angle_k),
@@ -108,7 +124,7 @@ def endpoint_factors(w: torch.Tensor, settings: Settings = Settings()) -> Factor
     :func:`~opd_lens.diagnostics.linalg.gram_svd` (the same result to ~ε·σ_1²/σ_i, 2–3× cheaper), which itself
     falls back to the SVD for ill-conditioned matrices."""
     m, n = w.shape[-2:]
-    k = min(settings.angle_k, m, n)
+    k = subspace_k(settings.angle_k, m, n)
     left, right = angle_sides(m, n, k)
     if settings.exact:
         return keep_angle_sides(svd64(w, k), settings.angle_k)
@@ -119,10 +135,10 @@ def _factorize(w: torch.Tensor, k: int, exact: bool) -> Factors:
     return svd64(w, k) if exact else gram_svd(w, k)
 
 
-def keep_angle_sides(f: Factors, angle_k: int) -> Factors:
+def keep_angle_sides(f: Factors, angle_k: int | float) -> Factors:
     """``f`` cut to the top-``angle_k`` vectors of the sides with non-trivial angles."""
     m, n = f.u.shape[-2], f.vh.shape[-1]
-    k = min(angle_k, m, n)
+    k = subspace_k(angle_k, m, n)
     left, right = angle_sides(m, n, k)
     return Factors(f.u[..., :k] if left else f.u[..., :0], f.s, f.vh[..., :k, :] if right else f.vh[..., :0, :])
 
@@ -175,9 +191,12 @@ def assemble(
 ) -> MatrixDiagnostics:
     """The diagnostics from their ingredients: the packed update mask and its count, ‖ΔW‖_F, the top spectrum of
     ΔW and, for the endpoint metrics, :func:`endpoint_factors` of W_t (``None``: angles and spectral shift are
-    NaN)."""
+    NaN). Values a matrix this small cannot give are NaN (see :class:`Settings`)."""
     nan = float("nan")
     angles_u = angles_v = torch.empty(0, dtype=torch.float64)
+    principal = principal_mask_applies(shape, settings.mask_rank)
+    channel = channel_applies(shape, settings.lock_k)
+    basis = top.v[:, : settings.lock_k]
     shift = nan
     if factors_t is not None:
         if origin.factors is None:
@@ -190,16 +209,23 @@ def assemble(
         update_fro=fro,
         stable_rank=float(stable_rank(top.s, fro)),
         hill_alpha=float(hill_alpha(top.s, settings.hill_k, top.rtol)),
-        principal_overlap=bits.count_and(origin.principal_mask, changed) / n_changed if n_changed else nan,
+        principal_overlap=bits.count_and(origin.principal_mask, changed) / n_changed
+        if n_changed and principal
+        else nan,
         lowmag_overlap=bits.count_and(origin.lowmag_mask, changed) / n_changed if n_changed else nan,
-        max_angle_u=float(angles_u.max()) if angles_u.numel() else nan,
-        max_angle_v=float(angles_v.max()) if angles_v.numel() else nan,
+        max_angle_u=_max(angles_u),
+        max_angle_v=_max(angles_v),
         spectral_shift=shift,
-        channel_energy=float(channel_energy(top.s, fro, settings.lock_k)),
+        channel_energy=float(channel_energy(top.s, fro, settings.lock_k)) if channel else nan,
         angles_u=angles_u,
         angles_v=angles_v,
-        lock_basis=top.v[:, : settings.lock_k],
+        lock_basis=basis if channel else torch.full_like(basis, nan),
     )
+
+
+def _max(angles: torch.Tensor) -> float:
+    """The largest angle; NaN for none or for a side whose angles are zero by construction (all NaN)."""
+    return float(angles.max()) if angles.numel() else float("nan")
 
 
 def nonfinite_diagnostics(

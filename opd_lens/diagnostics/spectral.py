@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .linalg import Factors, subspace_angles, svd64
 
-__all__ = ["ANGLE_K", "angle_sides", "principal_angles", "spectral_shift"]
+__all__ = ["ANGLE_K", "subspace_k", "angle_sides", "principal_angles", "spectral_shift"]
 
 ANGLE_K = 512
-"""Default size k of the top singular subspaces compared by the principal angles (OPD App. C.3)."""
+"""Default size k of the top singular subspaces compared by the principal angles (OPD App. C.3: 512 of 4096)."""
+
+
+def subspace_k(k: int | float, m: int, n: int) -> int:
+    """The k of an m×n matrix's top-k singular subspaces: an int ``k`` capped at min(m, n), or a fraction
+    ``0 < k < 1`` of min(m, n), rounded to the nearest integer and at least 1 (the paper's 512 of 4096 is 1/8)."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not (k >= 1 if isinstance(k, int) else 0 < k < 1):
+        raise ValueError(f"k must be an integer >= 1 or a fraction in (0, 1), got {k!r}")
+    side = min(m, n)
+    return min(k, side) if isinstance(k, int) else max(1, min(side, round(k * side)))
 
 
 def principal_angles(
@@ -23,21 +34,22 @@ def principal_angles(
 
     Returns ``(angles_u, angles_v)``: cos θ_i(U) = σ_i(U_{0,k}ᵀ U_{t,k}) for the left and likewise for the right
     singular vectors, computed in float64 through the sine formulation of :func:`subspace_angles` so that angles
-    far below 1° are accurate. k is capped at min(m, n). A side of dimension k (the right side of an m×n matrix
-    with n = k, say) has all k angles exactly zero: both subspaces are the whole space. Pass precomputed
+    far below 1° are accurate. ``k`` is resolved by :func:`subspace_k` (an int capped at min(m, n), or a
+    fraction of it). A side of dimension k (the right side of an m×n matrix with n = k, say) gives k NaN: both
+    subspaces are the whole space, so its angles are zero by construction, not a measurement. Pass precomputed
     ``factors0``/``factors_t`` (with at least k vectors on each other side) to avoid repeating SVDs. Angles near
     index k are unstable when σ_k ≈ σ_{k+1}. ``w0`` may be given as its shape when both factors are.
     """
     shape = tuple(w0) if isinstance(w0, tuple) else tuple(w0.shape)
     m, n = shape[-2:]
-    k = min(k, m, n)
+    k = subspace_k(k, m, n)
     f0 = factors0 if factors0 is not None else svd64(w0, k)
     ft = factors_t if factors_t is not None else svd64(wt, k)
     left, right = angle_sides(m, n, k)
     out = []
     for side, needed, get in (("left", left, lambda f: f.u), ("right", right, lambda f: f.vh.mT)):
         if not needed:
-            out.append(torch.zeros((*f0.s.shape[:-1], k), dtype=torch.float64, device=f0.s.device))
+            out.append(torch.full((*f0.s.shape[:-1], k), math.nan, dtype=torch.float64, device=f0.s.device))
             continue
         for name, f in (("factors0", f0), ("factors_t", ft)):
             if get(f).shape[-1] < k:
@@ -46,10 +58,10 @@ def principal_angles(
     return out[0], out[1]
 
 
-def angle_sides(m: int, n: int, k: int) -> tuple[bool, bool]:
+def angle_sides(m: int, n: int, k: int | float) -> tuple[bool, bool]:
     """Whether the left and the right top-k singular subspaces of an m×n matrix are proper subspaces (k below
     the side's dimension), i.e. whether their principal angles are measurements rather than zero by construction."""
-    k = min(k, m, n)
+    k = subspace_k(k, m, n)
     return k < m, k < n
 
 

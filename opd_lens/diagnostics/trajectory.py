@@ -6,7 +6,17 @@ import math
 
 import torch
 
-__all__ = ["HILL_K", "LOCK_K", "update_fro", "delta_fro", "stable_rank", "channel_energy", "hill_alpha", "sim_k"]
+__all__ = [
+    "HILL_K",
+    "LOCK_K",
+    "update_fro",
+    "delta_fro",
+    "stable_rank",
+    "channel_applies",
+    "channel_energy",
+    "hill_alpha",
+    "sim_k",
+]
 
 HILL_K = 10
 """Default number k of top singular values in the Hill estimate (the paper leaves k open; third parties use 10)."""
@@ -59,6 +69,13 @@ def stable_rank(s: torch.Tensor, fro: torch.Tensor | float | None = None) -> tor
     s = s.to(torch.float64)
     fro2 = (s * s).sum(-1) if fro is None else torch.as_tensor(fro, dtype=torch.float64, device=s.device) ** 2
     return fro2 / s[..., 0] ** 2
+
+
+def channel_applies(shape: tuple[int, ...], k: int = LOCK_K) -> bool:
+    """Whether an m×n update has a top-K channel to measure: with K ≥ min(m, n), V_K holds every direction ΔW can
+    use (its rank is at most min(m, n)), so the channel energy is 1 and Sim_K is 1 (K ≥ n) or set by arbitrary
+    null directions (m ≤ K < n): fixed by construction, not measured."""
+    return k < min(shape[-2:])
 
 
 def channel_energy(s: torch.Tensor, fro: torch.Tensor | float, k: int = LOCK_K) -> torch.Tensor:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints import find_checkpoints, matched_matrices, open_checkpoint
-from ..errors import CheckpointError, CheckpointWarning, StepError, StoreError
+from ..diagnostics import Settings, angle_sides, channel_applies, principal_mask_applies
+from ..errors import CheckpointError, CheckpointWarning, SettingsWarning, StepError, StoreError
 from ..schema import SCHEMA_VERSION
 from ..store import Store
 from .lock import update_lock_alignment
@@ -74,6 +75,30 @@ def add_run(
     refs = matched_matrices(origin_ckpt, last, include_globals)
     shapes = {(ref.layer, ref.module): tuple(ref.shape) for ref in refs}
     store.register_run(name, {**spec, "origin_fingerprint": origin_ckpt.fingerprint}, shapes)
+    _warn_small(name, list(shapes.values()), store.settings)
+
+
+def _warn_small(name: str, shapes: list[tuple[int, int]], settings: Settings) -> None:
+    """One warning naming how many of a run's matrices are too small for each setting (their values are NaN)."""
+    counts = {
+        f"angle_k={settings.angle_k} on one side or both (principal angles)": sum(
+            not all(angle_sides(*shape, settings.angle_k)) for shape in shapes
+        ),
+        f"mask_rank={settings.mask_rank} (principal_overlap)": sum(
+            not principal_mask_applies(shape, settings.mask_rank) for shape in shapes
+        ),
+        f"lock_k={settings.lock_k} (lock_alignment, channel_energy)": sum(
+            not channel_applies(shape, settings.lock_k) for shape in shapes
+        ),
+    }
+    if too_small := [f"{n} of {len(shapes)} for {what}" for what, n in counts.items() if n]:
+        warnings.warn(
+            f"run {name!r}: matrices too small for the store's settings, their values stored as NaN (0 or 1 by "
+            f"construction otherwise): {'; '.join(too_small)}. A fractional angle_k such as 1/8 scales k with "
+            "each matrix; the other settings are fixed when the store is created.",
+            SettingsWarning,
+            stacklevel=3,
+        )
 
 
 def compute_store(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..checkpoints import Checkpoint, MatrixRef, find_checkpoints, matched_matrices, open_checkpoint
 from ..errors import CheckpointError, CheckpointWarning, StoreError
-from ..schema import added_after
+from ..schema import changed_after
 from ..store import Store
 
 __all__ = ["StepTask", "RunPlan", "plan_run", "endpoint_steps"]
@@ -46,8 +46,8 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     A checkpoint is left alone when its step is recorded with the same content fingerprint and the current schema,
     its V_K bases are cached and, if it is an endpoint step, it holds endpoint metrics (a step that lacks them is
     recomputed; angles already stored are kept, so a step that was last when computed keeps its angles). A step
-    stored before a variable of the schema existed is recomputed to fill it, endpoint metrics included if it had
-    them."""
+    stored before a variable of the schema existed or changed is recomputed to fill it, endpoint metrics included
+    if it had them."""
     spec = store.runs.get(name)
     if spec is None:
         raise StoreError(f"{store.path}: no run named {name!r}; registered: {list(store.runs)}")
@@ -66,7 +66,7 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     for c in ckpts:
         entry = recorded.get(c.step)
         same = entry is not None and entry["fingerprint"] == c.fingerprint
-        older = same and bool(added_after(entry.get("schema", 1)))  # stored before a variable existed: fill it
+        older = same and bool(changed_after(entry.get("schema", 1)))  # stored under an older schema: bring it up
         if same and not older and bases.has(c.step) and (c.step not in ends or entry["endpoint"]):
             continue
         if entry is not None and not same:

@@ -7,16 +7,17 @@ diagnostics, K = the store's ``lock_k``); nothing is re-read from the checkpoint
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..cache import parse_matrix_key
 from ..errors import StoreError
 from ..store import Store, open_store
 
-__all__ = ["lock_alignment", "lock_summary"]
+__all__ = ["channel_overlap", "lock_alignment", "lock_summary"]
 
 
 def lock_alignment(
@@ -48,7 +49,7 @@ def lock_alignment(
     refs = []
     for r, name in enumerate(names):
         progress = ds.progress.sel(run=name)
-        steps = [int(s) for s in progress.step.values[progress.notnull().values]]
+        steps = _computed_steps(ds, name, store)
         ref = _reference(name, steps, progress, ref_step, ref_progress, store)
         refs.append(ref)
         bases = store.lock_bases(name)
@@ -61,6 +62,74 @@ def lock_alignment(
     )
     out.attrs = {"lock_k": ds.attrs["lock_k"], "store": str(store.path)}
     return out
+
+
+def channel_overlap(
+    store: Store | str | os.PathLike,
+    run: str,
+    other: str,
+    *,
+    other_steps: int | Sequence[int] | None = None,
+) -> xr.DataArray:
+    """Do two runs from one origin use the same channel? Sim_K(V_K^run(t), V_K^other(s)) for every matrix.
+
+    Returns a DataArray over (step, other_step, layer, module): each computed step t of ``run`` against each of
+    ``other_steps`` of ``other`` (default: its last), from the cached V_K bases (nothing is read from the
+    checkpoints). 1 is the same K-dimensional subspace of the input space; the coord ``chance(module)`` = K/n is
+    the expected Sim_K of two random K-dimensional subspaces of Rⁿ. NaN where a matrix has no channel (a zero
+    update, or ``lock_k`` ≥ min(m, n)) or is not in both runs.
+    """
+    store = store if isinstance(store, Store) else open_store(store, create=False)
+    ds = store.dataset()
+    steps = {name: _computed_steps(ds, name, store) for name in (run, other)}
+    runs = store.runs
+    if runs[run]["origin_fingerprint"] != runs[other]["origin_fingerprint"]:
+        raise StoreError(
+            f"{store.path}: runs {run!r} and {other!r} start from different origins "
+            f"({runs[run]['origin']} and {runs[other]['origin']}); their updates share no parameter space"
+        )
+    if other_steps is None:
+        other_steps = [steps[other][-1]]
+    other_steps = [other_steps] if isinstance(other_steps, int) else [int(s) for s in other_steps]
+    if absent := [s for s in other_steps if s not in steps[other]]:
+        raise StoreError(f"{store.path}: run {other!r} has no computed step {absent[0]}; it has {steps[other]}")
+    layers = {int(v): i for i, v in enumerate(ds.layer.values)}
+    modules = {str(v): i for i, v in enumerate(ds.module.values)}
+    mine, theirs = store.lock_bases(run), store.lock_bases(other)
+    grids = [mine.alignment_grid(steps[run], theirs.load(s), layers, modules) for s in other_steps]
+    k = int(ds.attrs["lock_k"])
+    columns = {}
+    for key, basis in theirs.load(other_steps[0]).items():
+        columns[parse_matrix_key(key)[1]] = basis.shape[0]
+    chance = [k / columns[m] if m in columns else np.nan for m in modules]
+    out = xr.DataArray(
+        np.stack(grids, axis=1),
+        dims=("step", "other_step", "layer", "module"),
+        coords={
+            "step": steps[run],
+            "other_step": other_steps,
+            "layer": list(layers),
+            "module": list(modules),
+            "chance": ("module", chance),
+        },
+        name="channel_overlap",
+    )
+    out.attrs = {
+        "long_name": f"Sim_K of {run}'s channel to {other}'s",
+        "units": "1",
+        "description": f"Sim_K(V_K of {run} at step, V_K of {other} at other_step), K = {k}; chance level K/n",
+        "run": run,
+        "other_run": other,
+        "lock_k": k,
+    }
+    return out
+
+
+def _computed_steps(ds: xr.Dataset, name: str, store: Store) -> list[int]:
+    if name not in ds.run.values:
+        raise StoreError(f"{store.path}: no computed run {name!r}; the store has {[str(r) for r in ds.run.values]}")
+    progress = ds.progress.sel(run=name)
+    return [int(s) for s in progress.step.values[progress.notnull().values]]
 
 
 def lock_summary(lock: xr.Dataset, threshold: float = 0.9) -> pd.DataFrame:
