@@ -179,6 +179,8 @@ def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(bro
     assert title.text_content() == "sft · layer 2 · mlp.down_proj · step 10"
     page.keyboard.press("ArrowRight")
     assert title.text_content() == "sft · layer 2 · mlp.down_proj · step 20"
+    page.select_option("select[aria-label=module]", "mlp.up_proj")  # the detail panel follows the picker
+    assert title.text_content() == "sft · layer 2 · mlp.up_proj · step 20"
     assert page.locator(".opd-monitor .opd-status").text_content() == " · ".join(mon.alarms)
     page.screenshot(path=ARTIFACTS / "explorer-offline.png", full_page=True)
     assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []

@@ -78,6 +78,7 @@ def test_explorer_accepts_a_path_a_store_or_a_dataset(widget_store, ds):
 
 def test_explorer_validates_its_traits(widget_store):
     ex = Explorer(widget_store, metric="unchanged_frac", module="mlp.up_proj", scale="log")
+    assert ex.selection["module"] == "mlp.up_proj"  # the module shown is the selected matrix's
     with pytest.raises(traitlets.TraitError, match="metric 'rank' is not in this Dataset; choose one of"):
         ex.metric = "rank"
     with pytest.raises(traitlets.TraitError, match="module 'mlp' is not in this Dataset"):
@@ -88,6 +89,10 @@ def test_explorer_validates_its_traits(widget_store):
         ex.selection = {"run": "sft"}
     ex.selection = {"run": "sft", "layer": 2, "module": "mlp.up_proj", "step": 10}
     assert ex.selection["layer"] == 2
+    ex.module = "mlp.down_proj"
+    assert ex.selection == {"run": "sft", "layer": 2, "module": "mlp.down_proj", "step": 10}
+    ex.module = ""
+    assert ex.selection["module"] == "mlp.down_proj"
     with pytest.raises(traitlets.TraitError):
         ex.scale = "sqrt"
 

@@ -128,6 +128,20 @@ describe("Explorer view", () => {
     model.set("metric", "principal_overlap");
     expect(host.querySelector(".opd-description")?.textContent).toBe("p");
   });
+  it("the detail panel follows the module picker", () => {
+    const { host, model } = mount({ module: "mlp.down_proj" });
+    const select = host.querySelector<HTMLSelectElement>("select[aria-label=module]");
+    if (!select) throw new Error("no module picker");
+    select.value = "self_attn.q_proj";
+    select.dispatchEvent(new Event("change"));
+    expect(model.get("selection").module).toBe("self_attn.q_proj");
+    expect(host.querySelector(".opd-detail .opd-panel-title")?.textContent).toBe(
+      "sft · layer 0 · self_attn.q_proj · step 30",
+    );
+    select.value = ""; // the mean over modules keeps the selected matrix
+    select.dispatchEvent(new Event("change"));
+    expect(model.get("selection").module).toBe("self_attn.q_proj");
+  });
   it("the detail panel shows overlaps against α and the angle profiles", () => {
     const { host } = mount();
     const detail = host.querySelector(".opd-detail");

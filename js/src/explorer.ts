@@ -31,8 +31,14 @@ function render({ model, el: host }: RenderProps<Model>) {
     bar.follow();
     info.draw();
   };
+  // A single module on the heatmaps is also the selected matrix's module (the mean over modules keeps it).
+  const follow = () => {
+    const module = model.get("module");
+    if (module && module !== st.selection.module) st.select({ ...st.selection, module });
+  };
   const cleanup = all([
     ...["metric", "module", "scale"].map((key) => onModel(model, `change:${key}`, redraw)),
+    onModel(model, "change:module", follow),
     onModel(model, "change:selection", moved),
     ...[bar, heat, traj, info].map((p) => p.cleanup),
     () => root.remove(),

@@ -50,7 +50,7 @@ class Explorer(anywidget.AnyWidget):
         default = {
             "run": data["runs"][-1],
             "layer": data["layers"][0],
-            "module": data["modules"][0],
+            "module": module or data["modules"][0],
             "step": int(last.step.where(last.progress.notnull()).max()),
         }
         super().__init__(_data=data, metric=metric, module=module, scale=scale, selection=selection or default)
@@ -65,6 +65,12 @@ class Explorer(anywidget.AnyWidget):
     @traitlets.validate("module")
     def _valid_module(self, proposal):
         return _one_of(proposal.value, ["", *self._data["modules"]], "module")
+
+    @traitlets.observe("module")
+    def _follow_module(self, change):
+        """A single module shown is also the selected matrix's module (the mean over modules keeps it)."""
+        if change.new and change.new != self.selection["module"]:
+            self.selection = {**self.selection, "module": change.new}
 
     @traitlets.validate("selection")
     def _valid_selection(self, proposal):

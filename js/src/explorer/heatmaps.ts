@@ -25,6 +25,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   function draw() {
     all(canvases)();
     canvases = [];
+    tooltip.hidden = true; // it described the cells drawn last
     const metric = model.get("metric");
     description.textContent = data.labels[metric] ?? "";
     heat.replaceChildren();
