@@ -173,7 +173,9 @@ def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(bro
     page.locator("canvas.opd-heat").first.wait_for(timeout=60_000)
     page.locator(".opd-monitor svg").first.wait_for(timeout=60_000)
     title = page.locator(".opd-detail .opd-panel-title")
-    assert title.text_content() == f"{EVIL_NAME} · layer 0 · mlp.down_proj · step 30"
+    assert title.text_content() == "sft · layer 0 · mlp.down_proj · step 30"  # the first run is selected first
+    captions = page.locator(".opd-panel figcaption").all_text_contents()
+    assert captions == ["sft", f"{EVIL_NAME}opd"]  # the method only where it is not the run's name
     box = page.locator("canvas.opd-heat[data-run='sft']").bounding_box()
     page.mouse.click(box["x"] + 2, box["y"] + box["height"] - 2)  # first step, last layer
     assert title.text_content() == "sft · layer 2 · mlp.down_proj · step 10"

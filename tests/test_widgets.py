@@ -72,7 +72,7 @@ def test_explorer_accepts_a_path_a_store_or_a_dataset(widget_store, ds):
     for source in (widget_store, str(widget_store), open_store(widget_store, create=False), ds):
         ex = Explorer(source)
         assert ex._data["runs"] == ["sft", EVIL_NAME]
-    assert ex.selection == {"run": EVIL_NAME, "layer": 0, "module": "mlp.down_proj", "step": 30}
+    assert ex.selection == {"run": "sft", "layer": 0, "module": "mlp.down_proj", "step": 30}  # the first run
     assert "Explorer runs=" in repr(ex)
 
 

@@ -90,6 +90,11 @@ describe("Explorer view", () => {
     expect(host.querySelector("img")).toBeNull();
     expect(host.textContent).toContain(EVIL);
   });
+  it("names each run once, with its method where that differs from the name", () => {
+    const { host } = mount();
+    const captions = [...host.querySelectorAll(".opd-panel figcaption")].map((c) => c.textContent);
+    expect(captions).toEqual(["sft", `${EVIL}opd`]);
+  });
   it("a click selects the cell and saves the selection", () => {
     const { host, model } = mount();
     const canvas = host.querySelectorAll<HTMLCanvasElement>("canvas.opd-heat")[1];

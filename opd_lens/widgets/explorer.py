@@ -23,7 +23,7 @@ class Explorer(anywidget.AnyWidget):
 
         ex = Explorer("runs.zarr", metric="unchanged_frac")
         ex                       # in a notebook cell
-        ex.selection             # {'run': 'opd', 'layer': 3, 'module': 'mlp.down_proj', 'step': 200}
+        ex.selection             # {'run': 'sft', 'layer': 3, 'module': 'mlp.down_proj', 'step': 200}
     """
 
     _esm = STATIC / "explorer.js"
@@ -46,12 +46,12 @@ class Explorer(anywidget.AnyWidget):
     ):
         ds = as_dataset(source)
         data = explorer_payload(ds, metrics)
-        last = ds.isel(run=-1)
+        first = ds.isel(run=0)
         default = {
-            "run": data["runs"][-1],
+            "run": data["runs"][0],
             "layer": data["layers"][0],
             "module": module or data["modules"][0],
-            "step": int(last.step.where(last.progress.notnull()).max()),
+            "step": int(first.step.where(first.progress.notnull()).max()),
         }
         super().__init__(_data=data, metric=metric, module=module, scale=scale, selection=selection or default)
 

@@ -37,7 +37,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       const title = el("figcaption", {}, panel);
       el("span", { className: "opd-swatch" }, title).style.background = runColor(r);
       el("span", { text: run }, title);
-      el("span", { className: "opd-method", text: data.methods[r] }, title);
+      if (data.methods[r] !== run) el("span", { className: "opd-method", text: data.methods[r] }, title);
       const canvas = el("canvas", { className: "opd-heat" }, panel);
       canvas.dataset.run = run;
       canvas.width = Math.max(nS, 1);
