@@ -271,6 +271,11 @@ def test_explorer_render_time_at_paper_scale(browser, tmp_path):
         }"""
     )
     assert page.locator("canvas.opd-heat").count() == 6
+    first = page.locator(".opd-panel").first
+    assert first.locator(".opd-yaxis span").all_text_contents() == [str(i) for i in range(0, 36, 5)]
+    assert first.locator(".opd-xaxis span").all_text_contents() == [str(s) for s in range(500, 3001, 500)]
+    assert page.locator(".opd-legend-title").text_content() == "Hill tail index α of σ(ΔW) [dimensionless]:"
+    page.screenshot(path=ARTIFACTS / "explorer-paper-scale.png", full_page=True)
     report = {
         "grid": "6 runs x 300 steps x 36 layers x 7 modules, 10 metrics",
         "html_bytes": path.stat().st_size,

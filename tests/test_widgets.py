@@ -49,6 +49,13 @@ def test_payload_carries_every_metric_cube_exactly(ds):
     np.testing.assert_array_equal(unwire(p["progress"]), ds.progress.values.astype(np.float32))
     assert np.isnan(unwire(p["progress"])[1, 0])  # the second run has no step 10
     assert p["mask_alpha"] == ds.attrs["mask_alpha"]
+    assert p["attrs"]["max_angle_u"] == {"long_name": ds.max_angle_u.long_name, "units": "degree"}
+    assert p["attrs"]["stable_rank"]["units"] == "1"
+    bare = ds[["stable_rank"]].copy()
+    bare["stable_rank"].attrs = {"long_name": "my rank", "units": "1"}  # the Dataset's attrs, not the schema's
+    assert explorer_payload(bare)["attrs"] == {"stable_rank": {"long_name": "my rank", "units": "1"}}
+    bare["stable_rank"].attrs = {}  # a hand-built Dataset: the schema's
+    assert explorer_payload(bare)["attrs"]["stable_rank"]["long_name"] == "stable rank of ΔW"
 
 
 def test_payload_angles_are_the_endpoint_steps(ds):

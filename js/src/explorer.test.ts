@@ -23,6 +23,11 @@ function payload(): Payload {
       lowmag_overlap: wire(Array(n).fill(0.75), [2, 3, 2, 2]),
     },
     labels: { stable_rank: "stable rank", principal_overlap: "p", lowmag_overlap: "l" },
+    attrs: {
+      stable_rank: { long_name: "stable rank of ΔW", units: "1" },
+      principal_overlap: { long_name: "p", units: "1" },
+      lowmag_overlap: { long_name: "l", units: "degree" },
+    },
     angles: { u: wire(Array(2 * 1 * 2 * 2 * 4).fill(3), [2, 1, 2, 2, 4]), v: wire(Array(32).fill(1), [2, 1, 2, 2, 4]), steps: [30] },
     mask_alpha: 0.5,
   };
@@ -84,6 +89,8 @@ describe("Explorer view", () => {
     const smallest = canvases[0].getContext("2d")?.getImageData(0, 0, 1, 1).data;
     expect(Array.from(smallest ?? []).slice(0, 3)).toEqual([0x44, 0x01, 0x54]);
     expect(host.querySelector(".opd-legend")?.textContent).toContain("23");
+    expect(host.querySelector(".opd-legend-title")?.textContent).toBe("stable rank of ΔW [dimensionless]:");
+    expect(host.querySelector(".opd-traj-svg")?.textContent).toContain("stable_rank [dimensionless]");
   });
   it("shows run names as text, never as HTML", () => {
     const { host } = mount();
@@ -132,6 +139,20 @@ describe("Explorer view", () => {
     expect(model.get("module")).toBe("self_attn.q_proj");
     model.set("metric", "principal_overlap");
     expect(host.querySelector(".opd-description")?.textContent).toBe("p");
+    model.set("metric", "lowmag_overlap");
+    model.set("scale", "log");
+    expect(host.querySelector(".opd-legend-title")?.textContent).toBe("l [°], log scale:");
+  });
+  it("labels the layer and step axes of each heatmap", () => {
+    const { host } = mount();
+    const [sft, evil] = [...host.querySelectorAll(".opd-panel")];
+    const labels = (panel: Element, axis: string) => [...panel.querySelectorAll(`${axis} span`)].map((t) => t.textContent);
+    expect(labels(sft, ".opd-yaxis")).toEqual(["0", "1"]);
+    expect(labels(sft, ".opd-xaxis")).toEqual(["10", "20", "30"]);
+    expect(labels(evil, ".opd-xaxis")).toEqual(["20", "30"]); // its own checkpoints
+    expect(sft.querySelector(".opd-xaxis span")?.getAttribute("style")).toContain("left: 16.6");
+    expect(sft.querySelector(".opd-ytitle")?.textContent).toBe("layer");
+    expect(sft.querySelector(".opd-xtitle")?.textContent).toBe("step");
   });
   it("the detail panel follows the module picker", () => {
     const { host, model } = mount({ module: "mlp.down_proj" });

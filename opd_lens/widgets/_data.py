@@ -47,9 +47,16 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
         "progress": wire(ds.progress.values),
         "metrics": {m: wire(ds[m].values) for m in metrics},
         "labels": {m: VARIABLES[m].description for m in metrics},
+        "attrs": {m: _title_attrs(ds[m]) for m in metrics},
         "angles": _angles(ds),
         "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
     }
+
+
+def _title_attrs(da: xr.DataArray) -> dict[str, str]:
+    """A variable's ``long_name`` and ``units`` (CF: ``"1"`` is dimensionless): its attrs, else the schema's."""
+    attrs = VARIABLES[str(da.name)].attrs | da.attrs
+    return {"long_name": str(attrs["long_name"]), "units": str(attrs["units"])}
 
 
 def _angles(ds: xr.Dataset) -> dict | None:

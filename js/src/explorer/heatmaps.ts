@@ -2,11 +2,19 @@
 // the mark on the selected cell.
 import { at } from "../codecs";
 import { type Cleanup, all, onDom } from "../listen";
-import { fmt, paint, runColor } from "../scale";
+import { fmt, ordinalTicks, paint, runColor } from "../scale";
 import { el } from "../svg";
-import type { State } from "./state";
+import { type State, unitText } from "./state";
 
 const HEAT_HEIGHT = 150;
+/** About how many layer and step ticks a heatmap labels (36 layers → every 5th; 300 steps of 10 → every 500). */
+const LAYER_TICKS = 7;
+const STEP_TICKS = 6;
+
+/** A tick label at `at` (a fraction) along `axis`, from its `side`. */
+function tick(axis: HTMLElement, value: number, side: "top" | "left", at: number) {
+  el("span", { text: String(value) }, axis).style[side] = `${100 * at}%`;
+}
 
 /** `onHover` runs when the hovered row (`st.hover`) changes. */
 export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
@@ -38,7 +46,12 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       el("span", { className: "opd-swatch" }, title).style.background = runColor(r);
       el("span", { text: run }, title);
       if (data.methods[r] !== run) el("span", { className: "opd-method", text: data.methods[r] }, title);
-      const canvas = el("canvas", { className: "opd-heat" }, panel);
+      const body = el("div", { className: "opd-heat-body" }, panel);
+      el("span", { className: "opd-ytitle", text: "layer" }, body);
+      const yaxis = el("div", { className: "opd-yaxis" }, body);
+      for (const l of ordinalTicks(data.layers, LAYER_TICKS))
+        tick(yaxis, data.layers[l], "top", (l + 0.5) / nL);
+      const canvas = el("canvas", { className: "opd-heat" }, body);
       canvas.dataset.run = run;
       canvas.width = Math.max(nS, 1);
       canvas.height = nL;
@@ -49,9 +62,10 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
         for (let i = 0; i < nL * nS; i++) paint(img.data, 4 * i, st.scale.unit(grid[i]));
         ctx.putImageData(img, 0, 0);
       }
-      const axis = el("div", { className: "opd-xaxis" }, panel);
-      el("span", { text: nS ? `step ${data.steps[data.runSteps[r][0]]}` : "no steps" }, axis);
-      el("span", { text: nS ? `${data.steps[data.runSteps[r][nS - 1]]}` : "" }, axis);
+      const axis = el("div", { className: "opd-xaxis" }, body);
+      const steps = data.runSteps[r].map((k) => data.steps[k]);
+      for (const j of ordinalTicks(steps, STEP_TICKS)) tick(axis, steps[j], "left", (j + 0.5) / nS);
+      el("div", { className: "opd-xtitle", text: nS ? "step" : "no steps" }, body);
       const mark = el("div", { className: "opd-mark" }, panel);
       mark.dataset.run = run;
       const locate = (ev: MouseEvent) => {
@@ -106,7 +120,9 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       for (let i = 0; i < 256; i++) paint(img.data, 4 * i, i / 255);
       ctx.putImageData(img, 0, 0);
     }
-    legend.prepend(el("span", { text: `${model.get("metric")}${st.scale.kind === "log" ? " (log)" : ""}:` }));
+    const { long_name, units } = data.attrs[model.get("metric")];
+    const log = st.scale.kind === "log" ? ", log scale" : "";
+    legend.prepend(el("span", { className: "opd-legend-title", text: `${long_name} [${unitText(units)}]${log}:` }));
     bar.before(el("span", { text: fmt(st.scale.lo) }));
     bar.after(el("span", { text: fmt(st.scale.hi) }));
     const nan = el("span", { className: "opd-nan", text: "not computed / not applicable" }, legend);

@@ -10,6 +10,16 @@ export interface Selection {
   step: number;
 }
 
+/** A variable's CF attributes, as the Dataset holds them. */
+export interface Attrs {
+  long_name: string;
+  units: string;
+}
+
+/** A unit as a reader writes it: CF's "1" is dimensionless, "degree" is °. */
+export const unitText = (units: string): string =>
+  units === "1" ? "dimensionless" : units === "degree" ? "°" : units;
+
 export interface Payload {
   runs: string[];
   methods: string[];
@@ -19,6 +29,7 @@ export interface Payload {
   progress: Wire;
   metrics: Record<string, Wire>;
   labels: Record<string, string>;
+  attrs: Record<string, Attrs>;
   angles: { u: Wire; v: Wire; steps: number[] } | null;
   mask_alpha: number;
 }
@@ -41,6 +52,7 @@ export interface Data {
   progress: NDArray;
   metrics: Record<string, NDArray>;
   labels: Record<string, string>;
+  attrs: Record<string, Attrs>;
   angles: { u: NDArray; v: NDArray; steps: number[] } | null;
   maskAlpha: number;
   /** Per run, the indices into `steps` where the run has a checkpoint. */
