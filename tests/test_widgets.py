@@ -80,6 +80,8 @@ def test_explorer_accepts_a_path_a_store_or_a_dataset(widget_store, ds):
         ex = Explorer(source)
         assert ex._data["runs"] == ["sft", EVIL_NAME]
     assert ex.selection == {"run": "sft", "layer": 0, "module": "mlp.down_proj", "step": 30}  # the first run
+    assert ex.module == "mlp.down_proj"  # one module, not the mean over modules
+    assert Explorer(ds, module="").module == ""
     assert "Explorer runs=" in repr(ex)
 
 

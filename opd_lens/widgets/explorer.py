@@ -19,7 +19,8 @@ class Explorer(anywidget.AnyWidget):
     """Explore a store: small-multiple layer × step heatmaps per run, trajectories and a per-matrix detail panel.
 
     ``Explorer(store_or_path_or_dataset)`` shows every per-matrix metric (``metrics=`` ships a subset). Click a cell or
-    use the arrow keys (PageUp/PageDown change run); :attr:`selection` follows in Python::
+    use the arrow keys (PageUp/PageDown change run); :attr:`selection` follows in Python. The heatmaps show one
+    module (the first, unless ``module=`` names one; ``module=""`` is the mean over modules)::
 
         ex = Explorer("runs.zarr", metric="unchanged_frac")
         ex                       # in a notebook cell
@@ -30,7 +31,7 @@ class Explorer(anywidget.AnyWidget):
     _css = STATIC / "widget.css"
     _data = traitlets.Dict().tag(sync=True)
     metric = traitlets.Unicode(help="the metric shown").tag(sync=True)
-    module = traitlets.Unicode("", help='the module shown; "" is the mean over modules').tag(sync=True)
+    module = traitlets.Unicode(help='the module shown; "" is the mean over modules').tag(sync=True)
     scale = traitlets.Enum(["linear", "log"], "linear", help="the colour scale").tag(sync=True)
     selection = traitlets.Dict(help="the selected matrix and step: run, layer, module, step").tag(sync=True)
 
@@ -39,13 +40,14 @@ class Explorer(anywidget.AnyWidget):
         source: xr.Dataset | Store | str | os.PathLike,
         *,
         metric: str = "stable_rank",
-        module: str = "",
+        module: str | None = None,
         scale: str = "linear",
         selection: dict | None = None,
         metrics: list[str] | None = None,
     ):
         ds = as_dataset(source)
         data = explorer_payload(ds, metrics)
+        module = data["modules"][0] if module is None else module  # the paper reads its findings per module
         first = ds.isel(run=0)
         default = {
             "run": data["runs"][0],

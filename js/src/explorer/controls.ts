@@ -27,7 +27,7 @@ export function controls(st: State, parent: HTMLElement) {
     );
   };
   picker("metric", Object.keys(data.metrics).map((m) => [m, m]), "metric");
-  picker("module", [["", "mean of modules"], ...data.modules.map((m): [string, string] => [m, m])], "module");
+  picker("module", [...data.modules.map((m): [string, string] => [m, m]), ["", "mean over modules"]], "module");
   picker("colour", [["linear", "linear"], ["log", "log"]], "scale");
   const scrubLabel = el("label", { text: "step " }, bar);
   const scrub = el("input", {}, scrubLabel);

@@ -82,7 +82,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
           tooltip.replaceChildren();
           el("div", { className: "opd-tip-title", text: run }, tooltip);
           for (const line of [
-            `layer ${data.layers[l]} · ${model.get("module") || "mean of modules"}`,
+            `layer ${data.layers[l]} · ${model.get("module") || "mean over modules"}`,
             `step ${data.steps[s]} (progress ${fmt(at(data.progress, r, s))})`,
             `${model.get("metric")} = ${fmt(grid[l * nS + j])}`,
           ])
