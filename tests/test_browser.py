@@ -183,6 +183,14 @@ def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(bro
     assert title.text_content() == "sft · layer 2 · mlp.down_proj · step 20"
     page.select_option("select[aria-label=module]", "mlp.up_proj")  # the detail panel follows the picker
     assert title.text_content() == "sft · layer 2 · mlp.up_proj · step 20"
+    page.screenshot(path=ARTIFACTS / "explorer-offline-module.png", full_page=True)
+    grid = page.locator("canvas.opd-cells").bounding_box()  # its first column: the first attention matrix
+    page.mouse.click(grid["x"] + 2, grid["y"] + 2)
+    assert title.text_content() == "sft · layer 0 · self_attn.k_proj · step 20"
+    assert page.locator("select[aria-label=module]").input_value() == "self_attn.k_proj"
+    assert page.locator(".opd-grid .opd-groups span").all_text_contents() == ["attention", "MLP"]
+    page.mouse.move(0, 0)
+    page.screenshot(path=ARTIFACTS / "explorer-offline-grid.png", full_page=True)
     assert page.locator(".opd-monitor .opd-status").text_content() == " · ".join(mon.alarms)
     page.screenshot(path=ARTIFACTS / "explorer-offline.png", full_page=True)
     assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []
@@ -272,10 +280,16 @@ def test_explorer_render_time_at_paper_scale(browser, tmp_path):
     first = page.locator(".opd-panel").first
     assert first.locator(".opd-yaxis span").all_text_contents() == [str(i) for i in range(0, 36, 5)]
     assert first.locator(".opd-xaxis span").all_text_contents() == [str(s) for s in range(500, 3001, 500)]
-    assert page.locator(".opd-legend-title").text_content() == "stable rank of ΔW [dimensionless]:"
+    assert (
+        page.locator(".opd-explorer > .opd-legend .opd-legend-title").text_content()
+        == "stable rank of ΔW [dimensionless]:"
+    )
     page.screenshot(path=ARTIFACTS / "explorer-paper-scale.png", full_page=True)
     switch_ms = _pick(page, "metric", "max_angle_u")
-    assert page.locator(".opd-legend-title").text_content() == "largest principal angle, U side [°]:"
+    assert (
+        page.locator(".opd-explorer > .opd-legend .opd-legend-title").text_content()
+        == "largest principal angle, U side [°]:"
+    )
     mean_ms = _pick(page, "module", "")
     step_ms = page.evaluate(
         """() => {

@@ -13,7 +13,8 @@ import xarray as xr
 from conftest import EVIL_NAME
 
 from opd_lens import Explorer, LockMonitor, open_store
-from opd_lens.widgets._data import explorer_payload, wire
+from opd_lens.store import Store
+from opd_lens.widgets._data import _module_types, explorer_payload, wire
 from opd_lens.widgets.monitor import _breach
 
 JS = Path(__file__).parents[1] / "js" / "src"
@@ -56,6 +57,20 @@ def test_payload_carries_every_metric_cube_exactly(ds):
     assert explorer_payload(bare)["attrs"] == {"stable_rank": {"long_name": "my rank", "units": "1"}}
     bare["stable_rank"].attrs = {}  # a hand-built Dataset: the schema's
     assert explorer_payload(bare)["attrs"]["stable_rank"]["long_name"] == "stable rank of ΔW"
+
+
+def test_payload_groups_modules_by_type(ds):
+    p = explorer_payload(ds)
+    assert p["projections"] == p["modules"]  # a dense model: one matrix per projection
+    assert p["types"] == ["MLP"] * 3 + ["attention"] * 4
+    modules = ["mlp.experts.0.down_proj", "mlp.experts.1.down_proj", "mlp.gate", "self_attn.q_proj", "lm_head"]
+    moe = xr.Dataset({"stable_rank": (("module",), np.zeros(5))}, coords={"module": modules})
+    moe = moe.assign_coords(Store._expert_coords(modules))  # the coords the store gives a Dataset
+    assert _module_types(moe) == {
+        "projections": ["mlp.experts.down_proj", "mlp.experts.down_proj", "mlp.gate", "self_attn.q_proj", "lm_head"],
+        "types": ["experts", "experts", "MLP", "attention", "other"],
+    }
+    assert _module_types(moe.drop_vars(["expert", "projection"]))["projections"] == modules  # a hand-built Dataset
 
 
 def test_payload_angles_are_the_endpoint_steps(ds):

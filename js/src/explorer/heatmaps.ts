@@ -4,7 +4,8 @@ import { at } from "../codecs";
 import { type Cleanup, all, onDom } from "../listen";
 import { fmt, ordinalTicks, paint, runColor } from "../scale";
 import { el } from "../svg";
-import { type State, unitText } from "./state";
+import { legend } from "./legend";
+import { type State, metricTitle } from "./state";
 
 const HEAT_HEIGHT = 150;
 /** About how many layer and step ticks a heatmap labels (36 layers → every 5th; 300 steps of 10 → every 500). */
@@ -16,12 +17,19 @@ function tick(axis: HTMLElement, value: number, side: "top" | "left", at: number
   el("span", { text: String(value) }, axis).style[side] = `${100 * at}%`;
 }
 
+/** The title and thinned tick labels of a layer axis, one row per layer, into a `.opd-heat-body` grid. */
+export function layerAxis(body: HTMLElement, layers: number[]): void {
+  el("span", { className: "opd-ytitle", text: "layer" }, body);
+  const axis = el("div", { className: "opd-yaxis" }, body);
+  for (const l of ordinalTicks(layers, LAYER_TICKS)) tick(axis, layers[l], "top", (l + 0.5) / layers.length);
+}
+
 /** `onHover` runs when the hovered row (`st.hover`) changes. */
 export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   const { model, data, root } = st;
   const description = el("div", { className: "opd-description" }, parent);
   const heat = el("div", { className: "opd-heatmaps" }, parent);
-  const legend = el("div", { className: "opd-legend" }, parent);
+  const legendBox = el("div", { className: "opd-legend" }, parent);
   const tooltip = el("div", { className: "opd-tooltip" }, parent);
   tooltip.hidden = true;
   let canvases: Cleanup[] = []; // the listeners on the canvases drawn last
@@ -47,10 +55,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       el("span", { text: run }, title);
       if (data.methods[r] !== run) el("span", { className: "opd-method", text: data.methods[r] }, title);
       const body = el("div", { className: "opd-heat-body" }, panel);
-      el("span", { className: "opd-ytitle", text: "layer" }, body);
-      const yaxis = el("div", { className: "opd-yaxis" }, body);
-      for (const l of ordinalTicks(data.layers, LAYER_TICKS))
-        tick(yaxis, data.layers[l], "top", (l + 0.5) / nL);
+      layerAxis(body, data.layers);
       const canvas = el("canvas", { className: "opd-heat" }, body);
       canvas.dataset.run = run;
       canvas.width = Math.max(nS, 1);
@@ -106,27 +111,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
         }),
       );
     });
-    drawLegend();
-  }
-
-  function drawLegend() {
-    legend.replaceChildren();
-    const bar = el("canvas", { className: "opd-ramp" }, legend);
-    bar.width = 256;
-    bar.height = 1;
-    const ctx = bar.getContext("2d");
-    if (ctx) {
-      const img = ctx.createImageData(256, 1);
-      for (let i = 0; i < 256; i++) paint(img.data, 4 * i, i / 255);
-      ctx.putImageData(img, 0, 0);
-    }
-    const { long_name, units } = data.attrs[model.get("metric")];
-    const log = st.scale.kind === "log" ? ", log scale" : "";
-    legend.prepend(el("span", { className: "opd-legend-title", text: `${long_name} [${unitText(units)}]${log}:` }));
-    bar.before(el("span", { text: fmt(st.scale.lo) }));
-    bar.after(el("span", { text: fmt(st.scale.hi) }));
-    const nan = el("span", { className: "opd-nan", text: "not computed / not applicable" }, legend);
-    nan.title = "NaN in the Dataset";
+    legend(legendBox, metricTitle(data, metric), st.scale);
   }
 
   /** Put the mark on the selected cell (hidden on the other runs). */
@@ -155,7 +140,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   const cleanup = () => {
     all(canvases)();
     observer.disconnect();
-    for (const e of [description, heat, legend, tooltip]) e.remove();
+    for (const e of [description, heat, legendBox, tooltip]) e.remove();
   };
   return { draw, mark, cleanup };
 }
