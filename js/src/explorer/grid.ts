@@ -3,7 +3,7 @@
 import { type Cleanup, all, onDom } from "../listen";
 import { colorScale, fmt, paint } from "../scale";
 import { el } from "../svg";
-import { layerAxis } from "./heatmaps";
+import { cellAt, layerAxis } from "./heatmaps";
 import { legend } from "./legend";
 import { type State, columns, meanAt, metricTitle } from "./state";
 
@@ -74,20 +74,14 @@ export function grid(st: State, parent: HTMLElement) {
     const key = el("div", { className: "opd-legend" }, box);
     legend(key, metricTitle(data, metric), scale);
 
-    const locate = (ev: MouseEvent) => {
-      const b = canvas.getBoundingClientRect();
-      const c = Math.min(nC - 1, Math.max(0, Math.floor(((ev.clientX - b.left) / b.width) * nC)));
-      const l = Math.min(nL - 1, Math.max(0, Math.floor(((ev.clientY - b.top) / b.height) * nL)));
-      return { c, l };
-    };
     listeners = [
       onDom(canvas, "mousemove", (ev) => {
-        const { c, l } = locate(ev);
+        const [c, l] = cellAt(canvas, ev, nC, nL);
         canvas.title = `layer ${data.layers[l]} · ${cols[c].name}: ${metric} = ${fmt(values[l * nC + c])}`;
       }),
       onDom(canvas, "click", (ev) => {
         if (!nC) return;
-        const { c, l } = locate(ev);
+        const [c, l] = cellAt(canvas, ev, nC, nL);
         const keep = data.modules.indexOf(s.module); // an expert of this column stays selected
         const m = data.modules[cols[c].modules.includes(keep) ? keep : cols[c].modules[0]];
         st.select({ ...s, layer: data.layers[l], module: m });

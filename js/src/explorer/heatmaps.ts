@@ -24,6 +24,13 @@ export function layerAxis(body: HTMLElement, layers: number[]): void {
   for (const l of ordinalTicks(layers, LAYER_TICKS)) tick(axis, layers[l], "top", (l + 0.5) / layers.length);
 }
 
+/** The (column, row) of the `nx` × `ny` cells of `canvas` under the pointer, clamped to the cells. */
+export function cellAt(canvas: HTMLCanvasElement, ev: MouseEvent, nx: number, ny: number): [number, number] {
+  const box = canvas.getBoundingClientRect();
+  const clamp = (f: number, n: number) => Math.min(n - 1, Math.max(0, Math.floor(f * n)));
+  return [clamp((ev.clientX - box.left) / box.width, nx), clamp((ev.clientY - box.top) / box.height, ny)];
+}
+
 /** `onHover` runs when the hovered row (`st.hover`) changes. */
 export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   const { model, data, root } = st;
@@ -73,16 +80,10 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       el("div", { className: "opd-xtitle", text: nS ? "step" : "no steps" }, body);
       const mark = el("div", { className: "opd-mark" }, panel);
       mark.dataset.run = run;
-      const locate = (ev: MouseEvent) => {
-        const box = canvas.getBoundingClientRect();
-        const j = Math.min(nS - 1, Math.max(0, Math.floor(((ev.clientX - box.left) / box.width) * nS)));
-        const l = Math.min(nL - 1, Math.max(0, Math.floor(((ev.clientY - box.top) / box.height) * nL)));
-        return { j, l };
-      };
       canvases.push(
         onDom(canvas, "mousemove", (ev) => {
           if (!nS) return;
-          const { j, l } = locate(ev);
+          const [j, l] = cellAt(canvas, ev, nS, nL);
           const s = data.runSteps[r][j];
           tooltip.replaceChildren();
           el("div", { className: "opd-tip-title", text: run }, tooltip);
@@ -104,7 +105,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
         }),
         onDom(canvas, "click", (ev) => {
           if (!nS) return;
-          const { j, l } = locate(ev);
+          const [j, l] = cellAt(canvas, ev, nS, nL);
           const mod = model.get("module") || st.selection.module;
           st.select({ run, layer: data.layers[l], module: mod, step: data.steps[data.runSteps[r][j]] });
           root.focus();
