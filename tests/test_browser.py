@@ -17,7 +17,7 @@ import nbformat
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import EVIL_NAME
+from conftest import DENSE_MODULES, EVIL_NAME
 
 from opd_lens import Explorer, LockMonitor
 from opd_lens.report import export_html
@@ -230,10 +230,10 @@ def test_store_report_renders_offline(browser, widget_store, tmp_path):
     page.close()
 
 
-def _large_dataset(runs=6, steps=300, layers=36, modules=7) -> xr.Dataset:
+def _large_dataset(runs=6, steps=300, layers=36, modules=DENSE_MODULES) -> xr.Dataset:
     """A Dataset the size of a real study (random values; the views do not care where numbers come from)."""
     rng = np.random.default_rng(0)
-    shape = (runs, steps, layers, modules)
+    shape = (runs, steps, layers, len(modules))
     names = ["unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "lock_alignment", "principal_overlap",
              "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift"]  # fmt: skip
     data = {n: (("run", "step", "layer", "module"), rng.random(shape, dtype=np.float32)) for n in names}
@@ -244,7 +244,7 @@ def _large_dataset(runs=6, steps=300, layers=36, modules=7) -> xr.Dataset:
             "run": [f"run-{i}" for i in range(runs)],
             "step": step,
             "layer": np.arange(layers),
-            "module": [f"m{i}" for i in range(modules)],
+            "module": list(modules),
             "progress": (("run", "step"), np.broadcast_to(step / step[-1], (runs, steps))),
             "method": ("run", ["sft", "opd", "rlvr", "opd", "sft", "rlvr"][:runs]),
         },
@@ -299,7 +299,7 @@ def test_explorer_render_time_at_paper_scale(browser, tmp_path):
             return (performance.now() - t) / 20;
         }"""
     )
-    assert page.locator(".opd-detail .opd-panel-title").text_content() == "run-0 · layer 0 · m0 · step 2800"
+    assert page.locator(".opd-detail .opd-panel-title").text_content() == "run-0 · layer 0 · mlp.down_proj · step 2800"
     page.screenshot(path=ARTIFACTS / "explorer-paper-scale-mean.png", full_page=True)
     report = {
         "grid": "6 runs x 300 steps x 36 layers x 7 modules, 10 metrics",

@@ -16,7 +16,8 @@ __all__ = ["Explorer"]
 
 
 class Explorer(anywidget.AnyWidget):
-    """Explore a store: small-multiple layer × step heatmaps per run, trajectories and a per-matrix detail panel.
+    """Explore a store: small-multiple layer × step heatmaps per run, trajectories, a layer × module grid (the
+    selected run and step, modules grouped by type: attention, MLP, experts) and a per-matrix detail panel.
 
     ``Explorer(store_or_path_or_dataset)`` shows every per-matrix metric (``metrics=`` ships a subset). Click a cell or
     use the arrow keys (PageUp/PageDown change run); :attr:`selection` follows in Python. The heatmaps show one
