@@ -13,7 +13,8 @@ import xarray as xr
 from conftest import EVIL_NAME
 
 from opd_lens import Explorer, LockMonitor, open_store
-from opd_lens.widgets._data import explorer_payload, wire
+from opd_lens.store import Store
+from opd_lens.widgets._data import _module_types, explorer_payload, wire
 from opd_lens.widgets.monitor import _breach
 
 JS = Path(__file__).parents[1] / "js" / "src"
@@ -49,6 +50,27 @@ def test_payload_carries_every_metric_cube_exactly(ds):
     np.testing.assert_array_equal(unwire(p["progress"]), ds.progress.values.astype(np.float32))
     assert np.isnan(unwire(p["progress"])[1, 0])  # the second run has no step 10
     assert p["mask_alpha"] == ds.attrs["mask_alpha"]
+    assert p["attrs"]["max_angle_u"] == {"long_name": ds.max_angle_u.long_name, "units": "degree"}
+    assert p["attrs"]["stable_rank"]["units"] == "1"
+    bare = ds[["stable_rank"]].copy()
+    bare["stable_rank"].attrs = {"long_name": "my rank", "units": "1"}  # the Dataset's attrs, not the schema's
+    assert explorer_payload(bare)["attrs"] == {"stable_rank": {"long_name": "my rank", "units": "1"}}
+    bare["stable_rank"].attrs = {}  # a hand-built Dataset: the schema's
+    assert explorer_payload(bare)["attrs"]["stable_rank"]["long_name"] == "stable rank of ΔW"
+
+
+def test_payload_groups_modules_by_type(ds):
+    p = explorer_payload(ds)
+    assert p["projections"] == p["modules"]  # a dense model: one matrix per projection
+    assert p["types"] == ["MLP"] * 3 + ["attention"] * 4
+    modules = ["mlp.experts.0.down_proj", "mlp.experts.1.down_proj", "mlp.gate", "self_attn.q_proj", "lm_head"]
+    moe = xr.Dataset({"stable_rank": (("module",), np.zeros(5))}, coords={"module": modules})
+    moe = moe.assign_coords(Store._expert_coords(modules))  # the coords the store gives a Dataset
+    assert _module_types(moe) == {
+        "projections": ["mlp.experts.down_proj", "mlp.experts.down_proj", "mlp.gate", "self_attn.q_proj", "lm_head"],
+        "types": ["experts", "experts", "MLP", "attention", "other"],
+    }
+    assert _module_types(moe.drop_vars(["expert", "projection"]))["projections"] == modules  # a hand-built Dataset
 
 
 def test_payload_angles_are_the_endpoint_steps(ds):
@@ -72,12 +94,15 @@ def test_explorer_accepts_a_path_a_store_or_a_dataset(widget_store, ds):
     for source in (widget_store, str(widget_store), open_store(widget_store, create=False), ds):
         ex = Explorer(source)
         assert ex._data["runs"] == ["sft", EVIL_NAME]
-    assert ex.selection == {"run": EVIL_NAME, "layer": 0, "module": "mlp.down_proj", "step": 30}
+    assert ex.selection == {"run": "sft", "layer": 0, "module": "mlp.down_proj", "step": 30}  # the first run
+    assert ex.module == "mlp.down_proj"  # one module, not the mean over modules
+    assert Explorer(ds, module="").module == ""
     assert "Explorer runs=" in repr(ex)
 
 
 def test_explorer_validates_its_traits(widget_store):
     ex = Explorer(widget_store, metric="unchanged_frac", module="mlp.up_proj", scale="log")
+    assert ex.selection["module"] == "mlp.up_proj"  # the module shown is the selected matrix's
     with pytest.raises(traitlets.TraitError, match="metric 'rank' is not in this Dataset; choose one of"):
         ex.metric = "rank"
     with pytest.raises(traitlets.TraitError, match="module 'mlp' is not in this Dataset"):
@@ -88,6 +113,10 @@ def test_explorer_validates_its_traits(widget_store):
         ex.selection = {"run": "sft"}
     ex.selection = {"run": "sft", "layer": 2, "module": "mlp.up_proj", "step": 10}
     assert ex.selection["layer"] == 2
+    ex.module = "mlp.down_proj"
+    assert ex.selection == {"run": "sft", "layer": 2, "module": "mlp.down_proj", "step": 10}
+    ex.module = ""
+    assert ex.selection["module"] == "mlp.down_proj"
     with pytest.raises(traitlets.TraitError):
         ex.scale = "sqrt"
 

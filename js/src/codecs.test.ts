@@ -1,6 +1,6 @@
 import { at, decode } from "./codecs";
 import { wire } from "./fake";
-import { colorScale, fmt, LUT, paint, ticks } from "./scale";
+import { colorScale, fmt, LUT, ordinalTicks, paint, ticks } from "./scale";
 import { bandPath, linePath } from "./svg";
 
 describe("decode", () => {
@@ -50,6 +50,15 @@ describe("colour scale", () => {
     expect(ticks(0, 1)).toEqual([0, 0.25, 0.5, 0.75, 1]);
     expect(ticks(1.001, 1.002, 4)).toEqual([1.001, 1.0015, 1.002]);
     expect(ticks(0, 10, 5)).toEqual([0, 2, 4, 6, 8, 10]);
+  });
+  it("thins ordinal ticks to round values", () => {
+    const layers = Array.from({ length: 36 }, (_, i) => i);
+    expect(ordinalTicks(layers, 7)).toEqual([0, 5, 10, 15, 20, 25, 30, 35]);
+    const steps = Array.from({ length: 300 }, (_, i) => 10 * (i + 1));
+    expect(ordinalTicks(steps, 6).map((i) => steps[i])).toEqual([500, 1000, 1500, 2000, 2500, 3000]);
+    expect(ordinalTicks([10, 20, 30], 6)).toEqual([0, 1, 2]);
+    expect(ordinalTicks([10, 20, 30, 40, 50, 1000], 4)).toEqual([5]); // irregular: one label, not four on one cell
+    expect(ordinalTicks([], 4)).toEqual([]);
   });
 });
 

@@ -1,6 +1,6 @@
 import { wire, FakeModel } from "./fake";
 import explorer from "./explorer";
-import { type Model, type Payload, cellValue, decodePayload, grids, navigate } from "./explorer/state";
+import { type Model, type Payload, cellValue, columns, decodePayload, grids, navigate } from "./explorer/state";
 import { trajectory } from "./explorer/trajectory";
 
 const EVIL = "<img src=x onerror=alert(1)>";
@@ -16,6 +16,8 @@ function payload(): Payload {
     steps: [10, 20, 30],
     layers: [0, 1],
     modules: ["mlp.down_proj", "self_attn.q_proj"],
+    projections: ["mlp.down_proj", "self_attn.q_proj"],
+    types: ["MLP", "attention"],
     progress: wire(progress, [2, 3]),
     metrics: {
       stable_rank: wire(values, [2, 3, 2, 2]),
@@ -23,6 +25,11 @@ function payload(): Payload {
       lowmag_overlap: wire(Array(n).fill(0.75), [2, 3, 2, 2]),
     },
     labels: { stable_rank: "stable rank", principal_overlap: "p", lowmag_overlap: "l" },
+    attrs: {
+      stable_rank: { long_name: "stable rank of ΔW", units: "1" },
+      principal_overlap: { long_name: "p", units: "1" },
+      lowmag_overlap: { long_name: "l", units: "degree" },
+    },
     angles: { u: wire(Array(2 * 1 * 2 * 2 * 4).fill(3), [2, 1, 2, 2, 4]), v: wire(Array(32).fill(1), [2, 1, 2, 2, 4]), steps: [30] },
     mask_alpha: 0.5,
   };
@@ -61,6 +68,23 @@ describe("data helpers", () => {
     expect(Array.from(t.lo)).toEqual([17, 21]);
     expect(Array.from(t.hi)).toEqual([19, 23]);
   });
+  it("groups the grid's columns by type, an MoE projection's experts in one column", () => {
+    expect(columns(d)).toEqual([
+      { name: "self_attn.q_proj", type: "attention", modules: [1] },
+      { name: "mlp.down_proj", type: "MLP", modules: [0] },
+    ]);
+    const moe = {
+      ...d,
+      modules: ["mlp.experts.0.up_proj", "mlp.experts.1.up_proj", "mlp.gate", "self_attn.o_proj"],
+      projections: ["mlp.experts.up_proj", "mlp.experts.up_proj", "mlp.gate", "self_attn.o_proj"],
+      types: ["experts", "experts", "MLP", "attention"],
+    };
+    expect(columns(moe).map((c) => [c.name, c.modules])).toEqual([
+      ["self_attn.o_proj", [3]],
+      ["mlp.gate", [2]],
+      ["mlp.experts.up_proj", [0, 1]],
+    ]);
+  });
   it("navigates with the arrow keys, clamped, and changes run with PageDown", () => {
     const s = { run: "sft", layer: 0, module: "mlp.down_proj", step: 30 };
     expect(navigate(d, s, "ArrowRight")?.step).toBe(30);
@@ -84,11 +108,18 @@ describe("Explorer view", () => {
     const smallest = canvases[0].getContext("2d")?.getImageData(0, 0, 1, 1).data;
     expect(Array.from(smallest ?? []).slice(0, 3)).toEqual([0x44, 0x01, 0x54]);
     expect(host.querySelector(".opd-legend")?.textContent).toContain("23");
+    expect(host.querySelector(".opd-legend-title")?.textContent).toBe("stable rank of ΔW [dimensionless]:");
+    expect(host.querySelector(".opd-traj-svg")?.textContent).toContain("stable_rank [dimensionless]");
   });
   it("shows run names as text, never as HTML", () => {
     const { host } = mount();
     expect(host.querySelector("img")).toBeNull();
     expect(host.textContent).toContain(EVIL);
+  });
+  it("names each run once, with its method where that differs from the name", () => {
+    const { host } = mount();
+    const captions = [...host.querySelectorAll(".opd-panel figcaption")].map((c) => c.textContent);
+    expect(captions).toEqual(["sft", `${EVIL}opd`]);
   });
   it("a click selects the cell and saves the selection", () => {
     const { host, model } = mount();
@@ -127,6 +158,70 @@ describe("Explorer view", () => {
     expect(model.get("module")).toBe("self_attn.q_proj");
     model.set("metric", "principal_overlap");
     expect(host.querySelector(".opd-description")?.textContent).toBe("p");
+    model.set("metric", "lowmag_overlap");
+    model.set("scale", "log");
+    expect(host.querySelector(".opd-legend-title")?.textContent).toBe("l [°], log scale:");
+  });
+  it("labels the layer and step axes of each heatmap", () => {
+    const { host } = mount();
+    const [sft, evil] = [...host.querySelectorAll(".opd-panel")];
+    const labels = (panel: Element, axis: string) => [...panel.querySelectorAll(`${axis} span`)].map((t) => t.textContent);
+    expect(labels(sft, ".opd-yaxis")).toEqual(["0", "1"]);
+    expect(labels(sft, ".opd-xaxis")).toEqual(["10", "20", "30"]);
+    expect(labels(evil, ".opd-xaxis")).toEqual(["20", "30"]); // its own checkpoints
+    expect(sft.querySelector(".opd-xaxis span")?.getAttribute("style")).toContain("left: 16.6");
+    expect(sft.querySelector(".opd-ytitle")?.textContent).toBe("layer");
+    expect(sft.querySelector(".opd-xtitle")?.textContent).toBe("step");
+  });
+  it("the detail panel follows the module picker", () => {
+    const { host, model } = mount({ module: "mlp.down_proj" });
+    const select = host.querySelector<HTMLSelectElement>("select[aria-label=module]");
+    if (!select) throw new Error("no module picker");
+    select.value = "self_attn.q_proj";
+    select.dispatchEvent(new Event("change"));
+    expect(model.get("selection").module).toBe("self_attn.q_proj");
+    expect(host.querySelector(".opd-detail .opd-panel-title")?.textContent).toBe(
+      "sft · layer 0 · self_attn.q_proj · step 30",
+    );
+    select.value = ""; // the mean over modules keeps the selected matrix
+    select.dispatchEvent(new Event("change"));
+    expect(model.get("selection").module).toBe("self_attn.q_proj");
+  });
+  it("the layer × module grid shows the selected run and step, grouped by module type", () => {
+    const { host } = mount();
+    const grid = host.querySelector(".opd-grid");
+    const canvas = grid?.querySelector<HTMLCanvasElement>("canvas.opd-cells");
+    if (!grid || !canvas) throw new Error("no grid");
+    expect(grid.querySelector(".opd-panel-title")?.textContent).toBe("layer × module: sft · step 30");
+    expect([canvas.width, canvas.height]).toEqual([2, 2]);
+    // run 0, step 30: v = 9 + 2·layer + module; columns q_proj (module 1), down_proj (module 0); own colour scale.
+    const px = (x: number, y: number) => Array.from(canvas.getContext("2d")?.getImageData(x, y, 1, 1).data ?? []);
+    expect(px(0, 1)).toEqual([0xfd, 0xe7, 0x25, 255]); // 12: layer 1, q_proj
+    expect(px(1, 0).slice(0, 3)).toEqual([0x44, 0x01, 0x54]); // 9: layer 0, down_proj
+    expect([...grid.querySelectorAll(".opd-groups span")].map((g) => g.textContent)).toEqual(["attention", "MLP"]);
+    expect([...grid.querySelectorAll(".opd-colnames span")].map((g) => g.textContent)).toEqual(["q_proj", "down_proj"]);
+    expect(grid.querySelector(".opd-legend")?.textContent).toContain("stable rank of ΔW [dimensionless]:9");
+    const mark = grid.querySelector<HTMLElement>(".opd-grid-mark"); // layer 0, down_proj
+    expect([mark?.style.left, mark?.style.top]).toEqual(["50%", "0%"]);
+  });
+  it("a click on the grid selects the layer and module, and the heatmaps follow a single module", () => {
+    const { host, model } = mount({ module: "mlp.down_proj" });
+    const canvas = host.querySelector<HTMLCanvasElement>(".opd-grid canvas");
+    if (!canvas) throw new Error("no grid");
+    const box = canvas.getBoundingClientRect();
+    canvas.dispatchEvent(
+      new MouseEvent("click", { clientX: box.left + box.width * 0.25, clientY: box.top + box.height * 0.75 }),
+    );
+    expect(model.get("selection")).toEqual({ run: "sft", layer: 1, module: "self_attn.q_proj", step: 30 });
+    expect(model.get("module")).toBe("self_attn.q_proj");
+    expect(host.querySelector<HTMLSelectElement>("select[aria-label=module]")?.value).toBe("self_attn.q_proj");
+  });
+  it("groups the module picker by type, the mean over modules last", () => {
+    const { host } = mount();
+    const select = host.querySelector<HTMLSelectElement>("select[aria-label=module]");
+    const groups = [...(select?.querySelectorAll("optgroup") ?? [])].map((g) => [g.label, g.textContent]);
+    expect(groups).toEqual([["attention", "self_attn.q_proj"], ["MLP", "mlp.down_proj"]]);
+    expect(select?.lastElementChild?.textContent).toBe("mean over modules");
   });
   it("the detail panel shows overlaps against α and the angle profiles", () => {
     const { host } = mount();

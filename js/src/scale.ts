@@ -89,3 +89,15 @@ export function ticks(lo: number, hi: number, n = 4): number[] {
   for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
   return out.length >= 2 ? out : [lo, hi];
 }
+
+/** Indices to label on an ordinal axis of ascending `values` (one cell each): the first cell at or past each of
+ * about `n` round values, none closer than a `1 / (n + 1)` of the axis to the one before. */
+export function ordinalTicks(values: ArrayLike<number>, n: number): number[] {
+  const out: number[] = [];
+  let i = 0;
+  for (const t of ticks(values[0], values[values.length - 1], n).filter(Number.isInteger)) {
+    while (i < values.length - 1 && values[i] < t) i++;
+    if (!out.length || i - out[out.length - 1] >= values.length / (n + 1)) out.push(i);
+  }
+  return out;
+}

@@ -44,12 +44,40 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
         "steps": [int(s) for s in ds.step.values],
         "layers": [int(x) for x in ds.layer.values],
         "modules": [str(m) for m in ds.module.values],
+        **_module_types(ds),
         "progress": wire(ds.progress.values),
         "metrics": {m: wire(ds[m].values) for m in metrics},
         "labels": {m: VARIABLES[m].description for m in metrics},
+        "attrs": {m: _title_attrs(ds[m]) for m in metrics},
         "angles": _angles(ds),
         "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
     }
+
+
+def _module_types(ds: xr.Dataset) -> dict[str, list[str]]:
+    """Per module: its ``projection`` (experts share one; the module's name without that coord) and its type."""
+    modules = [str(m) for m in ds.module.values]
+    projections = [str(p) for p in ds.projection.values] if "projection" in ds.coords else modules
+    experts = [int(e) for e in ds.expert.values] if "expert" in ds.coords else [-1] * len(modules)
+    return {"projections": projections, "types": [_type(p, e) for p, e in zip(projections, experts, strict=True)]}
+
+
+def _type(projection: str, expert: int) -> str:
+    """``experts`` for an MoE expert's matrix, else ``attention``, ``MLP`` or ``other`` by the projection's name."""
+    if expert >= 0:
+        return "experts"
+    parts = projection.lower().split(".")
+    if any("attn" in p or "attention" in p for p in parts):
+        return "attention"
+    if any(p in ("mlp", "feed_forward", "ffn") for p in parts):
+        return "MLP"
+    return "other"
+
+
+def _title_attrs(da: xr.DataArray) -> dict[str, str]:
+    """A variable's ``long_name`` and ``units`` (CF: ``"1"`` is dimensionless): its attrs, else the schema's."""
+    attrs = VARIABLES[str(da.name)].attrs | da.attrs
+    return {"long_name": str(attrs["long_name"]), "units": str(attrs["units"])}
 
 
 def _angles(ds: xr.Dataset) -> dict | None:

@@ -16,21 +16,23 @@ __all__ = ["Explorer"]
 
 
 class Explorer(anywidget.AnyWidget):
-    """Explore a store: small-multiple layer × step heatmaps per run, trajectories and a per-matrix detail panel.
+    """Explore a store: small-multiple layer × step heatmaps per run, trajectories, a layer × module grid (the
+    selected run and step, modules grouped by type: attention, MLP, experts) and a per-matrix detail panel.
 
     ``Explorer(store_or_path_or_dataset)`` shows every per-matrix metric (``metrics=`` ships a subset). Click a cell or
-    use the arrow keys (PageUp/PageDown change run); :attr:`selection` follows in Python::
+    use the arrow keys (PageUp/PageDown change run); :attr:`selection` follows in Python. The heatmaps show one
+    module (the first, unless ``module=`` names one; ``module=""`` is the mean over modules)::
 
         ex = Explorer("runs.zarr", metric="unchanged_frac")
         ex                       # in a notebook cell
-        ex.selection             # {'run': 'opd', 'layer': 3, 'module': 'mlp.down_proj', 'step': 200}
+        ex.selection             # {'run': 'sft', 'layer': 3, 'module': 'mlp.down_proj', 'step': 200}
     """
 
     _esm = STATIC / "explorer.js"
     _css = STATIC / "widget.css"
     _data = traitlets.Dict().tag(sync=True)
     metric = traitlets.Unicode(help="the metric shown").tag(sync=True)
-    module = traitlets.Unicode("", help='the module shown; "" is the mean over modules').tag(sync=True)
+    module = traitlets.Unicode(help='the module shown; "" is the mean over modules').tag(sync=True)
     scale = traitlets.Enum(["linear", "log"], "linear", help="the colour scale").tag(sync=True)
     selection = traitlets.Dict(help="the selected matrix and step: run, layer, module, step").tag(sync=True)
 
@@ -39,19 +41,20 @@ class Explorer(anywidget.AnyWidget):
         source: xr.Dataset | Store | str | os.PathLike,
         *,
         metric: str = "stable_rank",
-        module: str = "",
+        module: str | None = None,
         scale: str = "linear",
         selection: dict | None = None,
         metrics: list[str] | None = None,
     ):
         ds = as_dataset(source)
         data = explorer_payload(ds, metrics)
-        last = ds.isel(run=-1)
+        module = data["modules"][0] if module is None else module  # the paper reads its findings per module
+        first = ds.isel(run=0)
         default = {
-            "run": data["runs"][-1],
+            "run": data["runs"][0],
             "layer": data["layers"][0],
-            "module": data["modules"][0],
-            "step": int(last.step.where(last.progress.notnull()).max()),
+            "module": module or data["modules"][0],
+            "step": int(first.step.where(first.progress.notnull()).max()),
         }
         super().__init__(_data=data, metric=metric, module=module, scale=scale, selection=selection or default)
 
@@ -65,6 +68,12 @@ class Explorer(anywidget.AnyWidget):
     @traitlets.validate("module")
     def _valid_module(self, proposal):
         return _one_of(proposal.value, ["", *self._data["modules"]], "module")
+
+    @traitlets.observe("module")
+    def _follow_module(self, change):
+        """A single module shown is also the selected matrix's module (the mean over modules keeps it)."""
+        if change.new and change.new != self.selection["module"]:
+            self.selection = {**self.selection, "module": change.new}
 
     @traitlets.validate("selection")
     def _valid_selection(self, proposal):

@@ -1,18 +1,24 @@
-// The Explorer's controls: metric, module and colour pickers, the step scrubber, and keyboard navigation.
+// The Explorer's controls: metric, module (grouped by type) and colour pickers, the step scrubber, and keyboard navigation.
 import { type Cleanup, all, onDom, onModel } from "../listen";
 import { el } from "../svg";
-import { type State, navigate } from "./state";
+import { type State, columns, navigate } from "./state";
 
 export function controls(st: State, parent: HTMLElement) {
   const { model, data } = st;
   const bar = el("div", { className: "opd-controls" }, parent);
   const cleanups: Cleanup[] = [];
-  const picker = (label: string, options: [string, string][], key: "metric" | "module" | "scale") => {
+  /** A picker of [value, text, group?] options (neighbours with one group share an optgroup). */
+  const picker = (label: string, options: [string, string, string?][], key: "metric" | "module" | "scale") => {
     const wrap = el("label", { text: `${label} ` }, bar);
     const select = el("select", {}, wrap);
     select.setAttribute("aria-label", label);
-    for (const [value, text] of options) {
-      const o = el("option", { text }, select);
+    let group: HTMLOptGroupElement | undefined;
+    for (const [value, text, type] of options) {
+      if (type && group?.label !== type) {
+        group = el("optgroup", {}, select);
+        group.label = type;
+      }
+      const o = el("option", { text }, type ? group : select);
       o.value = value;
     }
     select.value = model.get(key);
@@ -27,7 +33,10 @@ export function controls(st: State, parent: HTMLElement) {
     );
   };
   picker("metric", Object.keys(data.metrics).map((m) => [m, m]), "metric");
-  picker("module", [["", "mean of modules"], ...data.modules.map((m): [string, string] => [m, m])], "module");
+  const byType = columns(data).flatMap((c) =>
+    c.modules.map((m): [string, string, string] => [data.modules[m], data.modules[m], c.type]),
+  );
+  picker("module", [...byType, ["", "mean over modules"]], "module");
   picker("colour", [["linear", "linear"], ["log", "log"]], "scale");
   const scrubLabel = el("label", { text: "step " }, bar);
   const scrub = el("input", {}, scrubLabel);

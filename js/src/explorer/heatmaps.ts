@@ -2,18 +2,41 @@
 // the mark on the selected cell.
 import { at } from "../codecs";
 import { type Cleanup, all, onDom } from "../listen";
-import { fmt, paint, runColor } from "../scale";
+import { fmt, ordinalTicks, paint, runColor } from "../scale";
 import { el } from "../svg";
-import type { State } from "./state";
+import { legend } from "./legend";
+import { type State, metricTitle } from "./state";
 
 const HEAT_HEIGHT = 150;
+/** About how many layer and step ticks a heatmap labels (36 layers → every 5th; 300 steps of 10 → every 500). */
+const LAYER_TICKS = 7;
+const STEP_TICKS = 6;
+
+/** A tick label at `at` (a fraction) along `axis`, from its `side`. */
+function tick(axis: HTMLElement, value: number, side: "top" | "left", at: number) {
+  el("span", { text: String(value) }, axis).style[side] = `${100 * at}%`;
+}
+
+/** The title and thinned tick labels of a layer axis, one row per layer, into a `.opd-heat-body` grid. */
+export function layerAxis(body: HTMLElement, layers: number[]): void {
+  el("span", { className: "opd-ytitle", text: "layer" }, body);
+  const axis = el("div", { className: "opd-yaxis" }, body);
+  for (const l of ordinalTicks(layers, LAYER_TICKS)) tick(axis, layers[l], "top", (l + 0.5) / layers.length);
+}
+
+/** The (column, row) of the `nx` × `ny` cells of `canvas` under the pointer, clamped to the cells. */
+export function cellAt(canvas: HTMLCanvasElement, ev: MouseEvent, nx: number, ny: number): [number, number] {
+  const box = canvas.getBoundingClientRect();
+  const clamp = (f: number, n: number) => Math.min(n - 1, Math.max(0, Math.floor(f * n)));
+  return [clamp((ev.clientX - box.left) / box.width, nx), clamp((ev.clientY - box.top) / box.height, ny)];
+}
 
 /** `onHover` runs when the hovered row (`st.hover`) changes. */
 export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   const { model, data, root } = st;
   const description = el("div", { className: "opd-description" }, parent);
   const heat = el("div", { className: "opd-heatmaps" }, parent);
-  const legend = el("div", { className: "opd-legend" }, parent);
+  const legendBox = el("div", { className: "opd-legend" }, parent);
   const tooltip = el("div", { className: "opd-tooltip" }, parent);
   tooltip.hidden = true;
   let canvases: Cleanup[] = []; // the listeners on the canvases drawn last
@@ -25,6 +48,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   function draw() {
     all(canvases)();
     canvases = [];
+    tooltip.hidden = true; // it described the cells drawn last
     const metric = model.get("metric");
     description.textContent = data.labels[metric] ?? "";
     heat.replaceChildren();
@@ -36,8 +60,10 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       const title = el("figcaption", {}, panel);
       el("span", { className: "opd-swatch" }, title).style.background = runColor(r);
       el("span", { text: run }, title);
-      el("span", { className: "opd-method", text: data.methods[r] }, title);
-      const canvas = el("canvas", { className: "opd-heat" }, panel);
+      if (data.methods[r] !== run) el("span", { className: "opd-method", text: data.methods[r] }, title);
+      const body = el("div", { className: "opd-heat-body" }, panel);
+      layerAxis(body, data.layers);
+      const canvas = el("canvas", { className: "opd-heat" }, body);
       canvas.dataset.run = run;
       canvas.width = Math.max(nS, 1);
       canvas.height = nL;
@@ -48,26 +74,21 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
         for (let i = 0; i < nL * nS; i++) paint(img.data, 4 * i, st.scale.unit(grid[i]));
         ctx.putImageData(img, 0, 0);
       }
-      const axis = el("div", { className: "opd-xaxis" }, panel);
-      el("span", { text: nS ? `step ${data.steps[data.runSteps[r][0]]}` : "no steps" }, axis);
-      el("span", { text: nS ? `${data.steps[data.runSteps[r][nS - 1]]}` : "" }, axis);
+      const axis = el("div", { className: "opd-xaxis" }, body);
+      const steps = data.runSteps[r].map((k) => data.steps[k]);
+      for (const j of ordinalTicks(steps, STEP_TICKS)) tick(axis, steps[j], "left", (j + 0.5) / nS);
+      el("div", { className: "opd-xtitle", text: nS ? "step" : "no steps" }, body);
       const mark = el("div", { className: "opd-mark" }, panel);
       mark.dataset.run = run;
-      const locate = (ev: MouseEvent) => {
-        const box = canvas.getBoundingClientRect();
-        const j = Math.min(nS - 1, Math.max(0, Math.floor(((ev.clientX - box.left) / box.width) * nS)));
-        const l = Math.min(nL - 1, Math.max(0, Math.floor(((ev.clientY - box.top) / box.height) * nL)));
-        return { j, l };
-      };
       canvases.push(
         onDom(canvas, "mousemove", (ev) => {
           if (!nS) return;
-          const { j, l } = locate(ev);
+          const [j, l] = cellAt(canvas, ev, nS, nL);
           const s = data.runSteps[r][j];
           tooltip.replaceChildren();
           el("div", { className: "opd-tip-title", text: run }, tooltip);
           for (const line of [
-            `layer ${data.layers[l]} · ${model.get("module") || "mean of modules"}`,
+            `layer ${data.layers[l]} · ${model.get("module") || "mean over modules"}`,
             `step ${data.steps[s]} (progress ${fmt(at(data.progress, r, s))})`,
             `${model.get("metric")} = ${fmt(grid[l * nS + j])}`,
           ])
@@ -84,32 +105,14 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
         }),
         onDom(canvas, "click", (ev) => {
           if (!nS) return;
-          const { j, l } = locate(ev);
+          const [j, l] = cellAt(canvas, ev, nS, nL);
           const mod = model.get("module") || st.selection.module;
           st.select({ run, layer: data.layers[l], module: mod, step: data.steps[data.runSteps[r][j]] });
           root.focus();
         }),
       );
     });
-    drawLegend();
-  }
-
-  function drawLegend() {
-    legend.replaceChildren();
-    const bar = el("canvas", { className: "opd-ramp" }, legend);
-    bar.width = 256;
-    bar.height = 1;
-    const ctx = bar.getContext("2d");
-    if (ctx) {
-      const img = ctx.createImageData(256, 1);
-      for (let i = 0; i < 256; i++) paint(img.data, 4 * i, i / 255);
-      ctx.putImageData(img, 0, 0);
-    }
-    legend.prepend(el("span", { text: `${model.get("metric")}${st.scale.kind === "log" ? " (log)" : ""}:` }));
-    bar.before(el("span", { text: fmt(st.scale.lo) }));
-    bar.after(el("span", { text: fmt(st.scale.hi) }));
-    const nan = el("span", { className: "opd-nan", text: "not computed / not applicable" }, legend);
-    nan.title = "NaN in the Dataset";
+    legend(legendBox, metricTitle(data, metric), st.scale);
   }
 
   /** Put the mark on the selected cell (hidden on the other runs). */
@@ -138,7 +141,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   const cleanup = () => {
     all(canvases)();
     observer.disconnect();
-    for (const e of [description, heat, legend, tooltip]) e.remove();
+    for (const e of [description, heat, legendBox, tooltip]) e.remove();
   };
   return { draw, mark, cleanup };
 }

@@ -10,15 +10,35 @@ export interface Selection {
   step: number;
 }
 
+/** A variable's CF attributes, as the Dataset holds them. */
+export interface Attrs {
+  long_name: string;
+  units: string;
+}
+
+/** A unit as a reader writes it: CF's "1" is dimensionless, "degree" is °. */
+export const unitText = (units: string): string =>
+  units === "1" ? "dimensionless" : units === "degree" ? "°" : units;
+
+/** A metric's long name and unit, for legends. */
+export function metricTitle(d: Data, metric: string): string {
+  const { long_name, units } = d.attrs[metric];
+  return `${long_name} [${unitText(units)}]`;
+}
+
 export interface Payload {
   runs: string[];
   methods: string[];
   steps: number[];
   layers: number[];
   modules: string[];
+  /** Per module: its projection (an MoE projection's experts share one) and its type (attention, MLP, …). */
+  projections: string[];
+  types: string[];
   progress: Wire;
   metrics: Record<string, Wire>;
   labels: Record<string, string>;
+  attrs: Record<string, Attrs>;
   angles: { u: Wire; v: Wire; steps: number[] } | null;
   mask_alpha: number;
 }
@@ -38,13 +58,19 @@ export interface Data {
   steps: number[];
   layers: number[];
   modules: string[];
+  /** Per module: its projection (an MoE projection's experts share one) and its type (attention, MLP, …). */
+  projections: string[];
+  types: string[];
   progress: NDArray;
   metrics: Record<string, NDArray>;
   labels: Record<string, string>;
+  attrs: Record<string, Attrs>;
   angles: { u: NDArray; v: NDArray; steps: number[] } | null;
   maskAlpha: number;
   /** Per run, the indices into `steps` where the run has a checkpoint. */
   runSteps: number[][];
+  /** Every module's index. */
+  allModules: number[];
 }
 
 export function decodePayload(p: Payload): Data {
@@ -53,23 +79,49 @@ export function decodePayload(p: Payload): Data {
   const metrics: Record<string, NDArray> = {};
   for (const [k, w] of Object.entries(p.metrics)) metrics[k] = decode(w);
   const angles = p.angles ? { u: decode(p.angles.u), v: decode(p.angles.v), steps: p.angles.steps } : null;
-  return { ...p, progress, metrics, angles, maskAlpha: p.mask_alpha, runSteps };
+  const allModules = p.modules.map((_, m) => m);
+  return { ...p, progress, metrics, angles, maskAlpha: p.mask_alpha, runSteps, allModules };
 }
 
-/** Values of `metric` for (run, step index, layer index): one module, or the NaN-skipping mean over modules. */
-export function cellValue(d: Data, metric: string, module: string, r: number, s: number, l: number): number {
-  const a = d.metrics[metric];
-  if (module !== "") return at(a, r, s, l, d.modules.indexOf(module));
+/** The NaN-skipping mean of a metric cube at (run, step index, layer index) over the module indices `ms`. */
+export function meanAt(a: NDArray, r: number, s: number, l: number, ms: ArrayLike<number>): number {
   let sum = 0;
   let n = 0;
-  for (let m = 0; m < d.modules.length; m++) {
-    const v = at(a, r, s, l, m);
+  for (let i = 0; i < ms.length; i++) {
+    const v = at(a, r, s, l, ms[i]);
     if (Number.isFinite(v)) {
       sum += v;
       n++;
     }
   }
   return n ? sum / n : NaN;
+}
+
+/** Values of `metric` for (run, step index, layer index): one module, or the NaN-skipping mean over modules. */
+export function cellValue(d: Data, metric: string, module: string, r: number, s: number, l: number): number {
+  const a = d.metrics[metric];
+  if (module !== "") return at(a, r, s, l, d.modules.indexOf(module));
+  return meanAt(a, r, s, l, d.allModules);
+}
+
+/** One column of the layer × module grid: a projection, its type and its module indices (an MoE's experts). */
+export interface Column {
+  name: string;
+  type: string;
+  modules: number[];
+}
+
+const TYPE_ORDER = ["attention", "MLP", "experts", "other"];
+
+/** The grid's columns: one per projection, in module order within each type, the types in `TYPE_ORDER`. */
+export function columns(d: Data): Column[] {
+  const byName = new Map<string, Column>();
+  d.projections.forEach((name, m) => {
+    const c = byName.get(name) ?? { name, type: d.types[m], modules: [] };
+    c.modules.push(m);
+    byName.set(name, c);
+  });
+  return [...byName.values()].sort((a, b) => TYPE_ORDER.indexOf(a.type) - TYPE_ORDER.indexOf(b.type));
 }
 
 /** Per run: the grid [layer][step of that run] of the chosen metric/module, and its flat values. */
