@@ -100,7 +100,7 @@ VARIABLES: dict[str, Variable] = {
             "update_fro",
             MATRIX_DIMS,
             "step",
-            "Frobenius norm of ΔW (weight units)",
+            "Frobenius norm of ΔW",
             "1",
             "‖ΔW‖_F, the Frobenius norm of the cumulative update",
             _D + "update_fro",
