@@ -208,7 +208,7 @@ class Summary:
         columns = self.columns
         lines = ["| " + " | ".join(c.label for c in columns) + " |"]
         lines.append("|" + "|".join("---" if c.decimals is None else "---:" for c in columns) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in self.cells()]
+        lines += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in self.cells()]
         return "\n".join([*lines, "", *(f"- {line}" for line in self.legend())])
 
     def html(self) -> str:
