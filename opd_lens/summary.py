@@ -19,7 +19,7 @@ import xarray as xr
 
 from .schema import VARIABLES
 
-__all__ = ["COLUMNS", "Column", "Summary", "held_out_accuracy", "summarize"]
+__all__ = ["COLUMNS", "MISSING", "Column", "Summary", "held_out_accuracy", "summarize"]
 
 _MATRIX = ("layer", "module")
 _AT = {"first": "first checkpoint", "last": "last step", "endpoint": "last step with angles"}
@@ -102,15 +102,17 @@ def summarize(ds: xr.Dataset) -> pd.DataFrame:
 
 
 def held_out_accuracy(ds: xr.Dataset) -> dict[str, float]:
-    """Run -> the ``eval_accuracy`` that its last computed checkpoint's ``trainer_state.json`` logs for its step
-    (what ``transformers.Trainer`` and the demo zoo write, and the zoo's manifest copies), for the runs that log one."""
+    """Run -> the ``eval_accuracy`` that the ``trainer_state.json`` of its last checkpoint in ``ds`` logs for that
+    step (what ``transformers.Trainer`` and the demo zoo write, and the zoo's manifest copies), for the runs that log
+    one."""
+    runs = json.loads(ds.attrs.get("runs", "{}"))
     accuracy = {}
-    for name, run in json.loads(ds.attrs.get("runs", "{}")).items():
-        if name in ds.run.values and run["checkpoints"]:
-            step, entry = max(((int(s), e) for s, e in run["checkpoints"].items()), key=lambda item: item[0])
-            value = _logged_accuracy(Path(entry.get("path", "")) / "trainer_state.json", step)
-            if value is not None:
-                accuracy[name] = value
+    for name in map(str, ds.run.values):
+        steps = ds.step.values[ds.progress.sel(run=name).notnull().values]
+        entry = runs.get(name, {}).get("checkpoints", {}).get(str(steps[-1])) if len(steps) else None
+        value = _logged_accuracy(Path(entry["path"]) / "trainer_state.json", int(steps[-1])) if entry else None
+        if value is not None:
+            accuracy[name] = value
     return accuracy
 
 
