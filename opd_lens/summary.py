@@ -217,7 +217,7 @@ class Summary:
         """An HTML table (headers carry their meaning as a tooltip), then the legend; every value escaped."""
         columns, legend = self.columns, self.legend()
         head = "".join(
-            f'<th title="{html.escape(line)}">{html.escape(c.label)}</th>'
+            f'<th title="{html.escape(line)}"{_align(c)}>{html.escape(c.label)}</th>'
             for c, line in zip(columns, legend, strict=True)
         )
         body = "".join(
@@ -238,11 +238,14 @@ class Summary:
 
 
 def _html_cell(c: Column, value: str) -> str:
-    """A body cell: the run's name is the row header, text left-aligned, numbers right-aligned (the page's style)."""
-    if c.name == "run":
-        return f'<th scope="row" style="text-align: left">{html.escape(value)}</th>'
-    align = ' style="text-align: left"' if c.decimals is None else ""
-    return f"<td{align}>{html.escape(value)}</td>"
+    """A body cell: the run's name is the row header."""
+    tag = "th" if c.name == "run" else "td"
+    return f"<{tag}{_align(c)}>{html.escape(value)}</{tag}>"
+
+
+def _align(c: Column) -> str:
+    """Text left-aligned, numbers right-aligned (the page's default), never wrapped."""
+    return ' style="text-align: left; white-space: nowrap"' if c.decimals is None else ' style="white-space: nowrap"'
 
 
 def _pad(value: str, width: int, c: Column) -> str:
