@@ -13,6 +13,7 @@ import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import xarray as xr
@@ -39,7 +40,7 @@ class Column:
     decimals: int | None = None
     """Fixed decimals of a number; ``None`` for text."""
     variable: str | None = None
-    at: str = "last"
+    at: Literal["first", "last", "endpoint"] = "last"
     weighted: bool = False
     percent: bool = False
 

@@ -91,6 +91,7 @@ def test_text_fits_120_columns_in_stacked_blocks(summary):
         labels += re.split(r"\s{2,}", block[0].strip())[1:]
     assert labels == [c.label for c in summary.columns[1:]]  # every column once, in order
     assert len(blocks(summary.text(width=1000))) == 1
+    assert str(summary) == text and summary._repr_html_() == summary.html()  # print() and a notebook show it
 
 
 def test_values_have_fixed_decimals_and_a_marker_for_nan(summary):
