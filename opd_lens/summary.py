@@ -74,7 +74,7 @@ class Column:
 COLUMNS = (
     Column("run", "run", "the run's name in the store"),
     Column("method", "method", "the method label given when the run was added"),
-    Column("steps", "ckpts", "computed checkpoints", 0),
+    Column("steps", "ckpts", "number of computed checkpoints", 0),
     Column("first_step", "first", "step of the first computed checkpoint", 0),
     Column("last_step", "last", "step of the last computed checkpoint", 0),
     Column("accuracy_pct", "acc", "held-out accuracy of the last checkpoint (eval_accuracy in its trainer_state.json)",
@@ -197,11 +197,10 @@ class Summary:
         then the legend."""
         columns, cells = self.columns, self.cells()
         widths = [max([len(c.label), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-        blocks = _blocks(widths, width)
         lines = []
-        for block in blocks:
-            lines.append("  ".join(_pad(columns[i].label, widths[i], columns[i]) for i in block).rstrip())
-            lines += ["  ".join(_pad(row[i], widths[i], columns[i]) for i in block).rstrip() for row in cells]
+        for block in _blocks(widths, width):
+            for row in [[c.label for c in columns], *cells]:
+                lines.append("  ".join(_pad(row[i], widths[i], columns[i]) for i in block).rstrip())
             lines.append("")
         legend = [textwrap.fill(line, width, subsequent_indent="    ") for line in self.legend()]
         return "\n".join(lines + legend)
