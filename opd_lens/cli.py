@@ -12,15 +12,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-
 from ._version import __version__
 from .api import Store, open_store
 from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.formats import PICKLE_ENV
 from .diagnostics import Settings, subspace_k
 from .errors import OpdLensError, StoreError
-from .summary import summarize
+from .summary import Summary, summarize
 
 __all__ = ["main"]
 
@@ -229,14 +227,13 @@ def _compute(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> None:
-    table = summarize(open_store(args.store, create=False).dataset())
+    summary = Summary.of(open_store(args.store, create=False).dataset())
     if args.csv:
-        print(table.to_csv(), end="")
+        print(summary.table.to_csv(), end="")
     elif args.json:
-        print(table.to_json(orient="index", indent=2))
+        print(summary.table.to_json(orient="index", indent=2))
     else:
-        with pd.option_context("display.width", 200, "display.max_columns", None):
-            print(table.to_string(float_format=lambda x: f"{x:.4g}"))
+        print(summary.text())
 
 
 def _watch(args: argparse.Namespace) -> None:
@@ -306,8 +303,7 @@ def _demo(args: argparse.Namespace) -> None:
     _need_zoo()
     from .demo import run_demo
 
-    with pd.option_context("display.width", 200, "display.max_columns", None):
-        run_demo(args.out, args.preset, progress=not args.quiet, workers=args.workers)
+    run_demo(args.out, args.preset, progress=not args.quiet, workers=args.workers)
 
 
 def _retrain(args: argparse.Namespace) -> None:

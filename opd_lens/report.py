@@ -22,6 +22,7 @@ from ipywidgets.embed import dependency_state, embed_data
 from .errors import OpdLensError
 from .files import replacing
 from .store import Store
+from .summary import Summary
 
 __all__ = ["export_html", "store_report"]
 
@@ -40,6 +41,7 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 24px; }} .opd-item {{ margin: 0 0 28px; }}
 table.dataframe {{ border-collapse: collapse; font-size: 13px; }}
 .dataframe th, .dataframe td {{ padding: 3px 8px; border: 0; border-bottom: 1px solid #ddd; text-align: right; }}
+.opd-legend {{ font-size: 12px; color: #444; padding-left: 18px; }}
 </style>
 {scripts}
 <script type="application/vnd.jupyter.widget-state+json">{state}</script>
@@ -53,8 +55,9 @@ table.dataframe {{ border-collapse: collapse; font-size: 13px; }}
 
 
 def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_lens report") -> Path:
-    """Write ``items`` — widgets (Explorer, LockMonitor, any ipywidget), altair charts (as inline SVG) and strings
-    (as paragraphs of text) and pandas tables — into one self-contained HTML file at ``path`` and return its path."""
+    """Write ``items`` — widgets (Explorer, LockMonitor, any ipywidget), altair charts (as inline SVG), strings
+    (as paragraphs of text), a :class:`~opd_lens.summary.Summary` (its table and legend) and pandas tables — into
+    one self-contained HTML file at ``path`` and return its path."""
     items = list(items)
     widgets = [w for w in items if isinstance(w, ipywidgets.Widget)]
     state = dependency_state(widgets, drop_defaults=False) if widgets else {}
@@ -67,6 +70,8 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
             body.append(f'<div class="opd-item"><script type="{_VIEW}">{spec}</script></div>')
         elif isinstance(item, str):
             body.append(f'<p class="opd-item">{html.escape(item)}</p>')
+        elif isinstance(item, Summary):
+            body.append(f'<div class="opd-item">{item.html()}</div>')
         elif isinstance(item, pd.DataFrame):
             body.append(f'<div class="opd-item">{item.to_html(float_format=lambda x: f"{x:.4g}", escape=True)}</div>')
         elif hasattr(item, "to_dict") and hasattr(item, "save"):  # an altair chart
@@ -75,7 +80,8 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
             body.append(f'<div class="opd-item">{vlc.vegalite_to_svg(item.to_json())}</div>')
         else:
             raise TypeError(
-                f"export_html: cannot show a {type(item).__name__}; pass widgets, altair charts, tables or text"
+                f"export_html: cannot show a {type(item).__name__}; "
+                "pass widgets, altair charts, summaries, tables or text"
             )
     page = _PAGE.format(
         title=html.escape(title),
@@ -93,13 +99,12 @@ def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_len
     """The standard report of a store: the paper-style table, the Explorer, and the regime, trajectory and overlap
     charts."""
     from . import charts
-    from .summary import summarize
     from .widgets import Explorer
 
     ds = store.dataset()
     items = [
         f"{store.path}: {ds.sizes['run']} run(s), {ds.sizes['layer']} layer(s) x {ds.sizes['module']} module(s).",
-        summarize(ds),
+        Summary.of(ds),
         Explorer(ds, metric="unchanged_frac"),
         charts.regimes(ds),
         charts.trajectory(ds, "stable_rank"),

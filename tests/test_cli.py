@@ -13,6 +13,7 @@ import pytest
 from conftest import ctrl_c_default
 
 import opd_lens as opd_lens_api
+from opd_lens.summary import Summary
 from opd_lens.testing import write_planted_run
 
 
@@ -108,7 +109,11 @@ def test_compute_then_summary(tmp_path, run):
     csv = opd_lens("summary", str(store), "--csv").stdout.splitlines()
     assert csv[0].startswith("run,method,steps,first_step,last_step,unchanged_pct") and csv[1].startswith("opd,opd,3,")
     text = opd_lens("summary", str(store)).stdout
-    assert "lock_alignment_first" in text.splitlines()[0] and text.splitlines()[-1].startswith("opd ")
+    assert text == Summary.of(opd_lens_api.open_store(store, create=False).dataset()).text() + "\n"
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["run", "method", "ckpts"] and lines[1].split()[:5] == ["opd", "opd", "3", "3", "10"]
+    assert "acc %" not in text  # these checkpoints log no held-out accuracy
+    assert max(map(len, lines)) <= 120 and "Sim_K 1st = Sim_K to the final channel" in text
 
 
 def test_watch_computes_new_checkpoints_and_stops_cleanly(tmp_path):

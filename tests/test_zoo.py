@@ -13,6 +13,7 @@ from safetensors import safe_open
 import opd_lens
 from opd_lens.cli import main
 from opd_lens.diagnostics import Settings
+from opd_lens.summary import Summary
 from opd_lens.zoo import PRESETS, RUNS, ZooError, load_zoo, train_zoo
 from opd_lens.zoo import train as zoo_train
 from opd_lens.zoo.objectives import (
@@ -253,11 +254,15 @@ def test_demo_reuses_the_zoo_and_writes_the_report(ci_zoo, tmp_path, capsys):
     shutil.copytree(out, tmp_path / "demo" / "zoo")
     main(["demo", "--out", str(tmp_path / "demo"), "--preset", "ci", "--quiet"])
     first = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in first.splitlines() if line.startswith(("sft ", "opd ", "rlvr "))}
-    assert set(rows) == {"sft", "opd", "rlvr"}
-    assert float(rows["opd"][2]) == pytest.approx(final_accuracy(manifest, "opd"), abs=5e-4)
     ds = opd_lens.open_store(tmp_path / "demo" / "store", create=False).dataset()
-    assert float(rows["sft"][3]) == pytest.approx(opd_lens.summarize(ds).loc["sft", "unchanged_pct"], abs=5e-3)
+    assert Summary.of(ds).text() in first  # the table with its legend, as `opd-lens summary` prints it
+    header, *lines = first.split("\n\n")[0].splitlines()[-4:]  # the first block, after the progress lines
+    assert header.split()[:7] == ["run", "method", "ckpts", "first", "last", "acc", "%"]
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert set(rows) == {"sft", "opd", "rlvr"}
+    for run in rows:
+        assert rows[run][5] == f"{100 * final_accuracy(manifest, run):.1f}"  # from the manifest, like before
+    assert float(rows["sft"][6]) == pytest.approx(opd_lens.summarize(ds).loc["sft", "unchanged_pct"], abs=0.05)
     assert (tmp_path / "demo" / "report.html").stat().st_size > 1e6
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file() and "report" not in p.name}
     main(["demo", "--out", str(tmp_path / "demo"), "--preset", "ci", "--quiet"])
