@@ -12,6 +12,7 @@ import math
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -155,13 +156,14 @@ def _mean(da: xr.DataArray, weighted: bool) -> float:
 
 def _settings(attrs: Mapping) -> dict[str, str]:
     """The settings a legend names, with their values where the Dataset's attrs hold them."""
-    alpha = attrs.get("mask_alpha")
+    alpha, k, lock_k = (attrs.get(key) for key in ("mask_alpha", "angle_k", "lock_k"))
+    if k is not None:  # an int, or a fraction of each matrix's smaller side
+        k = f"k={Fraction(k).limit_denominator(1000)}·min(m, n)" if isinstance(k, float) else f"k={k}"
+        k += " (matrices with a side ≤ k left out: 0° by construction)"
     return {
         "mask_alpha": "α" if alpha is None else f"α={alpha:g} ({100 * alpha:g}%)",
-        **{
-            key: sym if attrs.get(key) is None else f"{sym}={attrs[key]}"
-            for key, sym in (("angle_k", "k"), ("lock_k", "K"))
-        },
+        "angle_k": k or "k",
+        "lock_k": "K" if lock_k is None else f"K={lock_k}",
     }
 
 

@@ -72,9 +72,9 @@ def test_01_quickstart(demo, monkeypatch):
     assert (demo / "report.html").is_file()
     ds = opd_lens.open_store(demo / "store", create=False).dataset()
     assert list(ds.run.values) == ["sft", "opd", "rlvr"]
-    # ex.selection (the default: the last run's last step) pulled that matrix's history out of the Dataset
+    # ex.selection (the default: the first run's last step) pulled that matrix's history out of the Dataset
     selection = output(nb, "sel = ex.selection")
-    assert "'run': 'rlvr'" in selection and "'step': 60" in selection
+    assert "'run': 'sft'" in selection and "'step': 150" in selection
     assert "unchanged_frac" in selection and "stable_rank" in selection
     assert "unchanged_pct" in output(nb, "opd_lens.summarize(ds)")
 

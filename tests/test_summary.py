@@ -128,6 +128,13 @@ def test_legend_has_a_line_per_column_with_schema_names_and_settings(summary):
     assert text_legend == legend  # below the table, long lines wrapped with an indent
 
 
+def test_legend_says_which_k_the_angles_used(summary):
+    by_name = dict(zip([c.name for c in summary.columns], summary.legend(), strict=True))
+    assert by_name["max_angle_v_deg"].endswith("k=8 (matrices with a side ≤ k left out: 0° by construction)")
+    relative = Summary(summary.table, {**summary.attrs, "angle_k": 0.125}).legend()
+    assert any("k=1/8·min(m, n) (matrices with a side ≤ k" in line for line in relative)
+
+
 def test_legend_names_symbols_when_the_attrs_lack_the_settings(summary):
     legend = Summary(summary.table, {}).legend()
     assert any(line.endswith("random baseline α") for line in legend) and any(line.endswith("; K") for line in legend)
