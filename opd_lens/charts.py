@@ -34,6 +34,9 @@ __all__ = [
 PALETTE = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac")
 """Vega's tableau10, assigned to runs in order (the widgets use the same list: js/src/scale.ts)."""
 
+MAX_BANDS = 3
+"""Most runs whose min–max bands :func:`trajectory` draws by default."""
+
 _MATRIX = ("layer", "module")
 _WIDTH = 300
 _LINE_LEGEND = alt.Legend(symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2)
@@ -53,10 +56,13 @@ def trajectory(
     module: str | Sequence[str] | None = None,
     layer: int | Sequence[int] | None = None,
     runs: Sequence[str] | None = None,
+    bands: bool | None = None,
 ) -> alt.LayerChart:
     """``metric`` against training progress per run: the mean over matrices as a line, their min–max as a band.
 
     ``module`` and ``layer`` restrict the matrices, ``runs`` the runs; only the steps a run has are drawn.
+    ``bands``: draw the min–max bands (default: when at most :data:`MAX_BANDS` runs are shown, since more overlap
+    into an unreadable wash; the tooltip gives every run's min and max either way).
     """
     metrics = [name for name, da in ds.data_vars.items() if da.dims == ("run", "step", *_MATRIX)]
     _check("metric", [metric], metrics)
@@ -78,9 +84,9 @@ def trajectory(
     label = VARIABLES[metric].title if metric in VARIABLES else metric
     where = ", ".join(f"{k} {v}" for k, v in {"module": module, "layer": layer}.items() if v is not None)
     base = alt.Chart(df).encode(x=_PROGRESS, color=_color(ds, shown.run.values))
-    band = base.mark_area(opacity=0.2).encode(y=alt.Y("min:Q", title=label), y2="max:Q")
+    bands = len(shown.run) <= MAX_BANDS if bands is None else bands
     line = base.mark_line(point=True).encode(
-        y="mean:Q",
+        y=alt.Y("mean:Q", title=label),
         tooltip=[
             "run:N",
             "method:N",
@@ -92,13 +98,16 @@ def trajectory(
             "matrices:Q",
         ],
     )
-    subtitle = f"mean over matrices (line), min–max (band){'; ' + where if where else ''}"
-    return alt.layer(band, line).properties(title=alt.Title(f"{metric} over training", subtitle=subtitle))
+    spread = "min–max (band)" if bands else f"min–max in the tooltip (bands drawn for ≤ {MAX_BANDS} runs)"
+    subtitle = f"mean over matrices (line), {spread}{'; ' + where if where else ''}"
+    layers = [base.mark_area(opacity=0.2).encode(y="min:Q", y2="max:Q"), line] if bands else [line]
+    return alt.layer(*layers).properties(title=alt.Title(f"{metric} over training", subtitle=subtitle))
 
 
-def regimes(ds: xr.Dataset) -> alt.HConcatChart:
+def regimes(ds: xr.Dataset) -> alt.VConcatChart:
     """The paper's Table 1 / Figs. 2–3 per run, from :func:`~opd_lens.summarize`: unchanged % (parameter-weighted)
-    at the last step, and mean max principal angle (V and U side) and mean spectral shift at the last endpoint."""
+    at the last step, and mean max principal angle (V and U side) and mean spectral shift at the last endpoint, as
+    a 2 × 2 grid (so eight runs stay within a laptop window)."""
     table = summarize(ds).reset_index()
     color = _color(ds, table.run)
     quantities = {
@@ -119,7 +128,9 @@ def regimes(ds: xr.Dataset) -> alt.HConcatChart:
         .properties(title=label, width=max(120, 40 * len(table)))
         for column, label in quantities.items()
     ]
-    return alt.hconcat(*bars).properties(title="Update regimes per run (paper Table 1, Figs. 2–3)")
+    return alt.vconcat(alt.hconcat(*bars[:2]), alt.hconcat(*bars[2:])).properties(
+        title="Update regimes per run (paper Table 1, Figs. 2–3)"
+    )
 
 
 def overlaps(ds: xr.Dataset, *, step: int | str = "last") -> alt.LayerChart:

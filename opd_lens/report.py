@@ -41,7 +41,7 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 24px; }} .opd-item {{ margin: 0 0 28px; }}
 table.dataframe {{ border-collapse: collapse; font-size: 13px; }}
 .dataframe th, .dataframe td {{ padding: 3px 8px; border: 0; border-bottom: 1px solid #ddd; text-align: right; }}
-.opd-legend {{ font-size: 12px; color: #444; padding-left: 18px; }}
+.opd-summary-legend {{ font-size: 12px; color: #444; padding-left: 18px; }}
 </style>
 {scripts}
 <script type="application/vnd.jupyter.widget-state+json">{state}</script>
@@ -105,10 +105,21 @@ def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_len
     items = [
         f"{store.path}: {ds.sizes['run']} run(s), {ds.sizes['layer']} layer(s) x {ds.sizes['module']} module(s).",
         Summary.of(ds),
+        "The Explorer: pick a metric and a module; each heatmap is one run's layers × checkpoints, a click shows "
+        "that matrix's history, mask overlaps and principal angles below.",
         Explorer(ds, metric="unchanged_frac"),
+        "Update regimes: how much of each run's weights moved at all (unchanged %), and how far its top singular "
+        "subspaces and spectrum turned. The paper: OPD leaves about half of the bf16 weights unchanged and rotates "
+        "about 1°, SFT rotates more than 10°, RLVR less than 0.5°.",
         charts.regimes(ds),
+        "Stable rank of ΔW over training: how many directions the update effectively spreads over (low: a narrow "
+        "channel).",
         charts.trajectory(ds, "stable_rank"),
+        "Sim_K to the final channel: how much of each checkpoint's top-K update directions already lie in the "
+        "run's final ones; a run that locks early reaches 1 long before its last step.",
         charts.trajectory(ds, "lock_alignment"),
+        "Where the visible updates land: the share inside W₀'s principal and low-magnitude masks; the dashed line "
+        "is what random positions would give (α).",
         charts.overlaps(ds),
     ]
     return export_html(items, path, title=title)

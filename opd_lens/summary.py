@@ -229,7 +229,7 @@ class Summary:
         items = "".join(f"<li>{html.escape(line)}</li>" for line in legend)
         return (
             f'<table class="dataframe opd-summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f'<ul class="opd-legend">{items}</ul>'
+            f'<ul class="opd-summary-legend">{items}</ul>'
         )
 
     def _repr_html_(self) -> str:

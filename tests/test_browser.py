@@ -225,6 +225,11 @@ def test_store_report_renders_offline(browser, widget_store, tmp_path):
     assert page.locator("table.dataframe tbody tr").count() == 2
     assert page.locator("body > div.opd-item > svg").count() == 4  # regimes, two trajectories, overlaps
     assert page.locator("select[aria-label=metric]").input_value() == "unchanged_frac"
+    legend = page.locator("ul.opd-summary-legend")  # a list below the table, not restyled by the widgets' CSS
+    assert legend.evaluate("e => getComputedStyle(e).display") == "block"
+    assert legend.locator("li").count() == page.locator("table.opd-summary thead th").count()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= page.viewport_size["width"], width  # nothing wider than the window
     page.screenshot(path=ARTIFACTS / "store-report.png", full_page=True)
     assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []
     page.close()

@@ -110,6 +110,17 @@ def test_run_colours_follow_the_dataset_order_in_every_chart(ds):
     assert {layer["encoding"]["color"]["value"] for layer in angles["layer"]} == {colors["large"]}
 
 
+def test_bands_are_drawn_for_few_runs_only(ds):
+    """Eight overlapping min–max bands are an unreadable wash: by default only up to MAX_BANDS runs get them."""
+    assert len(charts.trajectory(ds).to_dict()["layer"]) == 2  # two runs: band and line
+    many = xr.concat([ds.assign_coords(run=[f"{r}-{i}" for r in ds.run.values]) for i in range(2)], "run")
+    spec = charts.trajectory(many).to_dict()
+    assert len(spec["layer"]) == 1 and spec["layer"][0]["mark"]["type"] == "line"
+    assert "bands drawn for ≤ 3 runs" in spec["title"]["subtitle"]
+    assert len(charts.trajectory(many, bands=True).to_dict()["layer"]) == 2
+    assert len(charts.trajectory(ds, bands=False).to_dict()["layer"]) == 1
+
+
 def test_regimes_shows_summarize(ds):
     table = summarize(ds)
     got = {r["run"]: r for r in rows(charts.regimes(ds), "unchanged_pct")}
@@ -124,7 +135,7 @@ def test_regimes_shows_summarize(ds):
         assert r["max_angle_v_deg"] == pytest.approx(float(np.nanmean(last.max_angle_v.values)), rel=1e-5)
     assert got["large"]["max_angle_v_deg"] > got["small"]["max_angle_v_deg"]  # the planted update is 10x larger
     spec = charts.regimes(ds).to_dict()
-    assert [c["encoding"]["y"]["field"] for c in spec["hconcat"]] == [
+    assert [c["encoding"]["y"]["field"] for row in spec["vconcat"] for c in row["hconcat"]] == [
         "unchanged_pct",
         "max_angle_v_deg",
         "max_angle_u_deg",

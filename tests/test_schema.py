@@ -85,7 +85,7 @@ def test_every_variable_carries_its_attributes_and_the_views_their_labels(migrat
     payload = explorer_payload(ds)
     assert payload["labels"] == {m: VARIABLES[m].description for m in SCALARS}
     spec = charts.trajectory(ds, "max_angle_v").to_dict()
-    assert spec["layer"][0]["encoding"]["y"]["title"] == "largest principal angle, V side (°)"
+    assert spec["layer"][-1]["encoding"]["y"]["title"] == "largest principal angle, V side (°)"
 
 
 def test_dataset_writes_to_netcdf_and_reads_back(migrated, tmp_path):
