@@ -22,17 +22,19 @@ __all__ = [
     "SCALARS",
     "ANGLES",
     "STEP_SCALARS",
+    "SPECTRA",
     "added_after",
     "changed_after",
 ]
 
 SCHEMA_VERSION = 3
-"""1: the first release; 2: ``channel_energy``; 3: NaN, not a value fixed by construction, where a matrix is too
-small for ``angle_k``, ``mask_rank`` or ``lock_k`` (the angles, ``principal_overlap``, ``channel_energy``,
-``lock_alignment``)."""
+"""1: the first release; 2: ``channel_energy``; 3: ``update_spectrum``, and NaN, not a value fixed by
+construction, where a matrix is too small for ``angle_k``, ``mask_rank`` or ``lock_k`` (the angles,
+``principal_overlap``, ``channel_energy``, ``lock_alignment``)."""
 
 MATRIX_DIMS = ("run", "step", "layer", "module")
 PROFILE_DIMS = (*MATRIX_DIMS, "angle_index")
+SPECTRUM_DIMS = (*MATRIX_DIMS, "rank_index")
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,18 @@ VARIABLES: dict[str, Variable] = {
             comment=_CHANNEL_NAN,
         ),
         Variable(
+            "update_spectrum",
+            SPECTRUM_DIMS,
+            "step",
+            "top singular values of ΔW",
+            "1",
+            "σ_1 ≥ σ_2 ≥ … of ΔW_t, the top max(lock_k, hill_k): the spectrum behind stable rank, Hill α, the channel "
+            "energy and V_K",
+            _D + "top_spectrum",
+            since=3,
+            comment="NaN past min(m, n) singular values, and for a matrix holding NaN or Inf",
+        ),
+        Variable(
             "angles_u",
             PROFILE_DIMS,
             "endpoint",
@@ -227,6 +241,8 @@ SCALARS = tuple(name for name, v in VARIABLES.items() if v.dims == MATRIX_DIMS)
 """Per-matrix variables, dims (run, step, layer, module)."""
 ANGLES = tuple(name for name, v in VARIABLES.items() if v.dims == PROFILE_DIMS)
 """Angle profiles, dims (run, step, layer, module, angle_index)."""
+SPECTRA = tuple(name for name, v in VARIABLES.items() if v.dims == SPECTRUM_DIMS)
+"""Top singular values, dims (run, step, layer, module, rank_index)."""
 STEP_SCALARS = tuple(name for name in SCALARS if VARIABLES[name].when != "final")
 """The per-matrix variables a step's own compute gives (``lock_alignment`` waits for the run's last step)."""
 

@@ -234,7 +234,7 @@ class Store:
         last = ds.step.where(complete).max("step")
         variables = {}
         for name, v in VARIABLES.items():  # a variable newer than the store (not yet migrated) reads as NaN
-            da = ds[name] if name in ds else xr.full_like(ds["stable_rank"], np.nan)
+            da = ds[name] if name in ds else _missing(ds, v, self.settings)
             valid = complete & (ds["lock_ref"] == last) if name == "lock_alignment" else complete
             variables[name] = da.where(valid).assign_attrs(v.attrs)
         out = xr.Dataset(variables, coords={"numel": ds["numel"]})
@@ -248,7 +248,7 @@ class Store:
             module=sorted(range(out.sizes["module"]), key=lambda i: natural_key(str(out.module.values[i]))),
         )
         out = out.assign_coords(self._expert_coords(out.module.values))
-        out = out.transpose("run", "step", "layer", "module", "angle_index")
+        out = out.transpose("run", "step", "layer", "module", "angle_index", "rank_index")
         out.attrs = {
             "schema_version": SCHEMA_VERSION,
             "opd_lens_version": __version__,
@@ -324,9 +324,10 @@ class Store:
     def run_index(self, name: str) -> int:
         return self._coord_index("run")[name]
 
-    def grid(self) -> tuple[dict[int, int], dict[str, int], int]:
-        """Index of each layer and module value, and the angle_index size."""
-        return self._coord_index("layer"), self._coord_index("module"), self._group["angle_index"].shape[0]
+    def grid(self) -> tuple[dict[int, int], dict[str, int], int, int]:
+        """Index of each layer and module value, and the sizes of ``angle_index`` and ``rank_index``."""
+        layers, modules = self._coord_index("layer"), self._coord_index("module")
+        return layers, modules, self._group["angle_index"].shape[0], self._group["rank_index"].shape[0]
 
     def recorded(self, name: str) -> dict[int, dict]:
         """Step -> registry entry (``path``, ``fingerprint``, ``endpoint``, ``lock_ref``) of every checkpoint of run
@@ -475,7 +476,8 @@ class Store:
             "layer": sorted({layer for layer, _ in shapes}),
             "module": sorted({module for _, module in shapes}, key=natural_key),
         }
-        for name, spec in _array_specs(len(wanted["layer"]), len(wanted["module"]), k).items():
+        r = self.settings.top_k
+        for name, spec in _array_specs(len(wanted["layer"]), len(wanted["module"]), k, r).items():
             if name not in self._group:
                 dims = spec.pop("dims")
                 self._group.create_array(name, shape=(0,) * len(dims), dimension_names=list(dims), **spec)
@@ -486,6 +488,8 @@ class Store:
                 sizes[dim] = size
         if k > self._group["angle_index"].shape[0]:
             sizes["angle_index"] = k
+        if r > self._group["rank_index"].shape[0]:
+            sizes["rank_index"] = r
         if sizes and self._group["step"].shape[0] == 0:  # the first block of step slots in the same resize
             sizes["step"] = _STEP_BLOCK
         if sizes:
@@ -494,7 +498,8 @@ class Store:
             self._held.pop(dim, None)
             for value, i in assigned.items():
                 self._group[dim][i] = value
-        self._group["angle_index"][:] = np.arange(self._group["angle_index"].shape[0])
+        for dim in ("angle_index", "rank_index"):
+            self._group[dim][:] = np.arange(self._group[dim].shape[0])
         return slots
 
     def _slots(self, dim: str, values) -> tuple[dict, dict, int]:
@@ -527,13 +532,20 @@ class Store:
         if self._group.attrs["schema_version"] >= SCHEMA_VERSION:
             return
         if "complete" in self._group:  # the arrays exist; a store without them gets all of them on registration
+            if "rank_index" not in self._group:  # the dimension of update_spectrum (schema 3)
+                r = self.settings.top_k
+                self._group.create_array(
+                    "rank_index", shape=(r,), chunks=(r,), dtype=np.int64, dimension_names=["rank_index"]
+                )
+            self._group["rank_index"][:] = np.arange(self._group["rank_index"].shape[0])  # again, if cut short before
+            like = self._group["stable_rank"]  # (run, step, layer, module), chunked one (run, step) at a time
             for name, v in VARIABLES.items():
                 if name not in self._group:
-                    like = next(a for n, a in self._group.arrays() if n in VARIABLES and VARIABLES[n].dims == v.dims)
+                    extra = [self._group[d].shape[0] for d in v.dims[4:]]
                     self._group.create_array(
                         name,
-                        shape=like.shape,
-                        chunks=like.chunks,
+                        shape=(*like.shape, *extra),
+                        chunks=(*like.chunks, *(max(n, 1) for n in extra)),
                         dtype=np.float32,
                         fill_value=np.nan,
                         dimension_names=list(v.dims),
@@ -554,7 +566,7 @@ class Store:
         marker.unlink()
 
 
-def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
+def _array_specs(n_layers: int, n_modules: int, k: int, r: int) -> dict[str, dict]:
     """Every array of the store (``complete`` last: its presence means all exist), with chunks for this grid."""
     coord = {"chunks": (64,)}
     specs = {
@@ -563,6 +575,7 @@ def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
         "module": {**coord, "dims": ("module",), "dtype": str, "fill_value": _UNSET["module"]},
         "step": {"dims": ("step",), "chunks": (_STEP_BLOCK,), "dtype": np.int64, "fill_value": -1},
         "angle_index": {"dims": ("angle_index",), "chunks": (max(k, 1),), "dtype": np.int64, "fill_value": 0},
+        "rank_index": {"dims": ("rank_index",), "chunks": (r,), "dtype": np.int64, "fill_value": 0},
         "numel": {
             "dims": ("run", "layer", "module"),
             "chunks": (1, n_layers, n_modules),
@@ -574,7 +587,9 @@ def _array_specs(n_layers: int, n_modules: int, k: int) -> dict[str, dict]:
     for name, v in VARIABLES.items():
         dims = v.dims
         steps = _STEP_BLOCK if name == "lock_alignment" else 1  # rewritten for all steps at once, by one process
-        chunks = (1, steps, n_layers, n_modules) + ((max(k, 1),) if "angle_index" in dims else ())
+        chunks = (1, steps, n_layers, n_modules) + tuple(
+            {"angle_index": max(k, 1), "rank_index": r}[d] for d in dims[4:]
+        )
         specs[name] = {"dims": dims, "chunks": chunks, "dtype": np.float32, "fill_value": np.nan}
     specs["complete"] = {"dims": ("run", "step"), "chunks": (1, 1), "dtype": np.int64, "fill_value": 0}
     return specs
@@ -618,6 +633,15 @@ def write_step(
 ) -> None:
     """Write one (run, step) region and then mark it complete; safe to call from a Dask worker."""
     StepWriter(path)(run, slot, scalars, angles)
+
+
+def _missing(ds: xr.Dataset, v, settings: Settings) -> xr.DataArray:
+    """A variable that a store of an older schema lacks, as NaN (``rank_index`` sized by the settings if absent too)."""
+    da = xr.full_like(ds["stable_rank"], np.nan)
+    for dim in v.dims[4:]:
+        size = ds.sizes[dim] if dim in ds.dims else settings.top_k
+        da = da.expand_dims({dim: np.arange(size)}, axis=-1)
+    return da
 
 
 def _resolved(path: str | os.PathLike) -> str:

@@ -16,7 +16,16 @@ import zarr
 
 import opd_lens
 from opd_lens import charts
-from opd_lens.schema import ANGLES, SCALARS, SCHEMA_VERSION, STEP_SCALARS, VARIABLES, added_after, changed_after
+from opd_lens.schema import (
+    ANGLES,
+    SCALARS,
+    SCHEMA_VERSION,
+    SPECTRA,
+    STEP_SCALARS,
+    VARIABLES,
+    added_after,
+    changed_after,
+)
 from opd_lens.widgets._data import explorer_payload
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
@@ -56,7 +65,7 @@ def migrated(tmp_path_factory) -> tuple[Path, xr.Dataset, xr.Dataset]:
 
 
 def test_the_table_is_consistent():
-    assert set(SCALARS) | set(ANGLES) == set(VARIABLES)
+    assert set(SCALARS) | set(ANGLES) | set(SPECTRA) == set(VARIABLES)
     assert "lock_alignment" in SCALARS and "lock_alignment" not in STEP_SCALARS
     assert set(STEP_SCALARS) <= set(opd_lens.diagnostics.MatrixDiagnostics.__dataclass_fields__)
     for v in VARIABLES.values():
@@ -68,11 +77,10 @@ def test_the_table_is_consistent():
         )
         module, _, name = v.formula.rpartition(".")
         assert hasattr(__import__(module, fromlist=[name]), name), v.formula  # the formula it names exists
-    assert added_after(1) == ["channel_energy"] and added_after(SCHEMA_VERSION) == []
-    assert set(changed_after(2)) == {"lock_alignment", "principal_overlap", "channel_energy", *ANGLES} | {
-        "max_angle_u",
-        "max_angle_v",
-    }
+    assert added_after(1) == ["channel_energy", "update_spectrum"] and added_after(SCHEMA_VERSION) == []
+    assert added_after(2) == ["update_spectrum"]
+    revised = {"lock_alignment", "principal_overlap", "channel_energy", "max_angle_u", "max_angle_v", *ANGLES}
+    assert set(changed_after(2)) == revised | {"update_spectrum"}
     assert changed_after(SCHEMA_VERSION) == []
 
 
@@ -113,8 +121,10 @@ def test_a_previous_release_store_migrates_and_computes(migrated):
     attrs = attributes(root / "store")
     assert attrs["schema_version"] == SCHEMA_VERSION
     assert "channel_energy" in zarr.open_group(root / "store" / "data.zarr", mode="r")
-    assert bool(before.channel_energy.isnull().all())
+    assert bool(before.channel_energy.isnull().all()) and bool(before.update_spectrum.isnull().all())
     assert bool(ds.channel_energy.notnull().all()) and float(ds.channel_energy.max()) <= 1.0
+    assert bool(ds.update_spectrum.isel(rank_index=0).notnull().all())  # a rank dimension created in place, then filled
+    np.testing.assert_allclose(ds.stable_rank, ds.update_fro**2 / ds.update_spectrum.isel(rank_index=0) ** 2, rtol=1e-4)
     # what the old release stored is what today's recompute gives, endpoint angles of the last step included
     for name in (*SCALARS, *ANGLES):
         if name != "channel_energy":

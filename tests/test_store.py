@@ -57,6 +57,7 @@ VARIABLES = {
     "angles_v",
     "spectral_shift",
     "channel_energy",
+    "update_spectrum",
 }
 STEP_SCALARS = ("unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "principal_overlap", "lowmag_overlap")
 END_SCALARS = ("max_angle_u", "max_angle_v", "spectral_shift")
@@ -228,12 +229,13 @@ def test_runs_are_real_bf16_qwen_checkpoints_in_trainer_layouts(runs):
 
 def test_dataset_dims_variables_and_dtypes(computed):
     _, _, ds = computed
-    assert set(ds.dims) == {"run", "step", "layer", "module", "angle_index"}
+    assert set(ds.dims) == {"run", "step", "layer", "module", "angle_index", "rank_index"}
     assert set(ds.data_vars) == VARIABLES
     for name in VARIABLES:
         assert ds[name].dtype == np.float32, name
-        dims = ("run", "step", "layer", "module") + (("angle_index",) if name.startswith("angles_") else ())
-        assert ds[name].dims == dims, name
+        extra = {"angles_u": ("angle_index",), "angles_v": ("angle_index",), "update_spectrum": ("rank_index",)}
+        assert ds[name].dims == ("run", "step", "layer", "module", *extra.get(name, ())), name
+    assert list(ds.rank_index.values) == list(range(max(SET.lock_k, SET.hill_k)))
     assert ds.sizes["run"] == 3
     assert ds.sizes["layer"] == 2
     assert ds.sizes["module"] == 7
@@ -333,6 +335,8 @@ def test_stored_values_equal_direct_diagnostics(computed, diagnostics):
                 np.testing.assert_allclose(
                     at(ds, var, name, step, layer, module), getattr(d, var), rtol=RTOL, atol=ATOL, err_msg=var
                 )
+            spectrum = at(ds, "update_spectrum", name, step, layer, module)
+            np.testing.assert_allclose(spectrum, d.update_spectrum.numpy(), rtol=RTOL, atol=ATOL)
             if step == last:  # endpoint="last"
                 for var in END_SCALARS:
                     np.testing.assert_allclose(

@@ -83,6 +83,15 @@ def test_payload_angles_are_the_endpoint_steps(ds):
     assert explorer_payload(last_only)["angles"]["steps"] == [30]
 
 
+def test_payload_spectrum_every_step_within_its_budget(ds, monkeypatch):
+    payload = explorer_payload(ds)
+    assert payload["spectrum"]["steps"] == [10, 20, 30] and payload["lock_k"] == ds.attrs["lock_k"]
+    np.testing.assert_array_equal(unwire(payload["spectrum"]["s"]), ds.update_spectrum.values)
+    monkeypatch.setattr("opd_lens.widgets._data.SPECTRUM_BUDGET", 1)  # too small: each run's last step
+    assert explorer_payload(ds)["spectrum"]["steps"] == [30]
+    assert explorer_payload(ds.drop_vars("update_spectrum"))["spectrum"] is None
+
+
 def test_payload_subset_and_unknown_metric(ds):
     p = explorer_payload(ds, ["stable_rank"])
     assert list(p["metrics"]) == ["stable_rank"]

@@ -31,7 +31,10 @@ function payload(): Payload {
       lowmag_overlap: { long_name: "l", units: "degree" },
     },
     angles: { u: wire(Array(2 * 1 * 2 * 2 * 4).fill(3), [2, 1, 2, 2, 4]), v: wire(Array(32).fill(1), [2, 1, 2, 2, 4]), steps: [30] },
+    // σ = 5, 4, 3, 2 at steps 20 and 30, then NaN (a matrix smaller than the rank dimension)
+    spectrum: { s: wire(Array.from({ length: 2 * 2 * 2 * 2 * 5 }, (_, i) => (i % 5 === 4 ? NaN : 5 - (i % 5))), [2, 2, 2, 2, 5]), steps: [20, 30] },
     mask_alpha: 0.5,
+    lock_k: 2,
   };
 }
 
@@ -229,6 +232,17 @@ describe("Explorer view", () => {
     expect(detail?.textContent).toContain("random α = 0.5");
     expect(detail?.textContent).toContain("principal angles at step 30");
     expect(detail?.querySelectorAll("path.opd-angle-u").length).toBe(1);
+  });
+  it("the detail panel draws the update spectrum of the nearest step with one, and K", () => {
+    const { host } = mount();
+    const box = [...host.querySelectorAll(".opd-detail .opd-mini")].find((b) => b.textContent?.includes("σ_i"));
+    expect(box?.textContent).toContain("top singular values σ_i of ΔW at step 30 (dashed: K = 2)");
+    expect(box?.querySelectorAll("circle").length).toBe(4); // the NaN is not drawn
+    expect(box?.querySelectorAll("line.opd-baseline").length).toBe(1);
+    const all = mount({ _data: { ...payload(), lock_k: 5 } }).host;
+    expect(all.querySelector(".opd-detail")?.textContent).toContain("at step 30 (all K = 5 of V_K)");
+    const early = mount({ selection: { run: "sft", layer: 0, module: "mlp.down_proj", step: 10 } }).host;
+    expect(early.querySelector(".opd-detail")?.textContent).toContain("no spectrum stored at or before this step");
   });
   it("steps without angles say so", () => {
     const { host } = mount({ selection: { run: "sft", layer: 0, module: "mlp.down_proj", step: 10 } });

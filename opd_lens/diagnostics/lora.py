@@ -70,7 +70,7 @@ def lora_diagnostics(
     o = origin if origin is not None else origin_factors(w0, settings)
     top = lora_spectrum(left, right)
     fro = float(torch.linalg.vector_norm(top.s))
-    pad = min(max(settings.lock_k, settings.hill_k), m, n) - top.s.shape[0]
+    pad = min(settings.top_k, m, n) - top.s.shape[0]
     if pad > 0:  # a rank-r update has min(m, n) - r zero singular values: Hill α needs them
         top = top._replace(s=torch.cat([top.s, top.s.new_zeros(pad)]))
     ft = None

@@ -64,6 +64,11 @@ class Settings:
     def asdict(self) -> dict[str, float | int]:
         return asdict(self)
 
+    @property
+    def top_k(self) -> int:
+        """How many top singular values of ΔW_t are computed (and stored as ``update_spectrum``)."""
+        return max(self.lock_k, self.hill_k)
+
 
 @dataclass(frozen=True)
 class OriginFactors:
@@ -96,6 +101,9 @@ class MatrixDiagnostics:
     angles_u: torch.Tensor
     """Principal angles (degrees, ascending) of the left singular subspaces; empty when not computed."""
     angles_v: torch.Tensor
+    update_spectrum: torch.Tensor
+    """σ_1 ≥ σ_2 ≥ … of ΔW_t, the top :attr:`Settings.top_k` (fewer for a smaller matrix or a LoRA update of lower
+    rank); empty for a pair holding NaN or Inf."""
     lock_basis: torch.Tensor
     """V_K(t), the top-K right singular vectors of ΔW_t (n×K), to compare with another step by ``sim_k``."""
 
@@ -170,7 +178,7 @@ def matrix_diagnostics(
     del p
     # Every entry is at most ‖ΔW‖_F, so ΔW rounded to its dtype can only overflow when that norm exceeds the dtype.
     overflow = fro >= torch.finfo(delta.dtype).max
-    k = max(settings.lock_k, settings.hill_k)
+    k = settings.top_k
     top = top_spectrum(delta, k, exact=settings.exact, check_finite=overflow, sketch=sketch)
     del delta, sketch  # before the SVD of W_t: the largest allocations never coexist
     ft = None
@@ -219,6 +227,7 @@ def assemble(
         channel_energy=float(channel_energy(top.s, fro, settings.lock_k)) if channel else nan,
         angles_u=angles_u,
         angles_v=angles_v,
+        update_spectrum=top.s[: settings.top_k].to(torch.float64).cpu(),
         lock_basis=basis if channel else torch.full_like(basis, nan),
     )
 
@@ -258,5 +267,6 @@ def _nonfinite(
         channel_energy=nan,
         angles_u=torch.empty(0, dtype=torch.float64),
         angles_v=torch.empty(0, dtype=torch.float64),
+        update_spectrum=torch.empty(0, dtype=torch.float64),
         lock_basis=torch.full((n, k), nan, dtype=torch.float64),
     )

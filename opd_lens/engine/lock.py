@@ -18,7 +18,7 @@ def update_lock_alignment(store: Store, name: str) -> int:
     stale = sorted(s for s, entry in recorded.items() if entry["lock_ref"] != last)
     if not stale:
         return 0
-    layers, modules, _ = store.grid()
+    layers, modules, *_ = store.grid()
     bases = store.lock_bases(name)
     grids = bases.alignment_grid(stale, bases.load(last), layers, modules)
     values = dict(zip(stale, grids, strict=True))

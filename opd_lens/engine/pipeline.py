@@ -55,6 +55,7 @@ matrices where it matters, and the largest matrices (whose compute dwarfs their 
 class MatrixResult:
     scalars: dict[str, float]
     angles: dict[str, np.ndarray]
+    spectrum: np.ndarray
     basis: torch.Tensor
     nonfinite: tuple[bool, str] | None = None
     """(in the origin?, the tensor and its file) when W_0 or W_t holds NaN or Inf values."""
@@ -117,6 +118,7 @@ def _diagnose(
     return MatrixResult(
         scalars={name: getattr(d, name) for name in STEP_SCALARS},
         angles={"angles_u": d.angles_u.cpu().numpy(), "angles_v": d.angles_v.cpu().numpy()},
+        spectrum=d.update_spectrum.cpu().numpy(),
         basis=basis.to(torch.float32).cpu(),
         nonfinite=nonfinite,
     )
@@ -163,13 +165,16 @@ def _by_matrix(group: Sequence[StepTask]) -> list[tuple[MatrixRef, dict[int, Ste
 
 
 def _region(task: StepTask, results: Sequence[MatrixResult], grid) -> tuple[dict, dict, dict]:
-    """The (layer, module) blocks of one step's scalars and angle profiles, and its V_K bases by matrix key."""
-    layers, modules, k = grid
+    """The (layer, module) blocks of one step's scalars (the update spectrum with them) and angle profiles, and its
+    V_K bases by matrix key."""
+    layers, modules, k, r = grid
     shape = (len(layers), len(modules))
     scalars = {name: np.full(shape, np.nan, np.float32) for name in STEP_SCALARS}
+    spectrum = scalars["update_spectrum"] = np.full((*shape, r), np.nan, np.float32)
     angles = {name: np.full((*shape, k), np.nan, np.float32) for name in ANGLES}
     for ref, res in zip(task.refs, results, strict=True):
         i, j = layers[ref.layer], modules[ref.module]
+        spectrum[i, j, : res.spectrum.shape[0]] = res.spectrum[:r]
         for name, value in res.scalars.items():
             scalars[name][i, j] = value
         for name, profile in res.angles.items():

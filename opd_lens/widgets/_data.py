@@ -12,6 +12,8 @@ from ..store import Store, open_store
 
 ANGLE_BUDGET = 32 * 2**20
 """Bytes of angle profiles the Explorer ships; beyond it, only each run's last endpoint step."""
+SPECTRUM_BUDGET = 8 * 2**20
+"""Bytes of update spectra the Explorer ships; beyond it, only each run's last step."""
 
 
 def as_dataset(source: xr.Dataset | Store | str | os.PathLike) -> xr.Dataset:
@@ -50,7 +52,9 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
         "labels": {m: VARIABLES[m].description for m in metrics},
         "attrs": {m: _title_attrs(ds[m]) for m in metrics},
         "angles": _angles(ds),
+        "spectrum": _spectrum(ds),
         "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
+        "lock_k": int(ds.attrs.get("lock_k", 0)),
     }
 
 
@@ -85,10 +89,7 @@ def _angles(ds: xr.Dataset) -> dict | None:
     if not all(a in ds for a in ANGLES):
         return None
     has = ds.angles_v.notnull().any(("layer", "module", "angle_index"))  # (run, step)
-    steps = np.flatnonzero(has.any("run").values)
-    if steps.size * ds.angles_v[:, :1].nbytes * 2 > ANGLE_BUDGET:
-        last = [np.flatnonzero(has.values[r])[-1:] for r in range(ds.sizes["run"])]
-        steps = np.unique(np.concatenate(last))
+    steps = _within(has, ds.angles_v[:, :1].nbytes * 2, ANGLE_BUDGET)
     if steps.size == 0:
         return None
     sub = ds.isel(step=steps)
@@ -97,3 +98,25 @@ def _angles(ds: xr.Dataset) -> dict | None:
         "v": wire(sub.angles_v.values),
         "steps": [int(s) for s in sub.step.values],
     }
+
+
+def _spectrum(ds: xr.Dataset) -> dict | None:
+    """The top singular values of every ΔW_t, at every step within the budget, else at each run's last step."""
+    if "update_spectrum" not in ds:
+        return None
+    has = ds.update_spectrum.isel(rank_index=0).notnull().any(("layer", "module"))  # (run, step)
+    steps = _within(has, ds.update_spectrum[:, :1].nbytes, SPECTRUM_BUDGET)
+    if steps.size == 0:
+        return None
+    sub = ds.update_spectrum.isel(step=steps)
+    return {"s": wire(sub.values), "steps": [int(s) for s in sub.step.values]}
+
+
+def _within(has: xr.DataArray, step_bytes: int, budget: int) -> np.ndarray:
+    """The step indices where ``has`` (run, step) holds for some run; each run's last one alone when all of them
+    would take more than ``budget`` bytes at ``step_bytes`` each."""
+    steps = np.flatnonzero(has.any("run").values)
+    if steps.size * step_bytes > budget:
+        last = [np.flatnonzero(has.values[r])[-1:] for r in range(has.sizes["run"])]
+        steps = np.unique(np.concatenate(last))
+    return steps

@@ -1,5 +1,5 @@
-// The Explorer's detail panel on the selected matrix and step: its history, its update-mask overlaps and its
-// principal-angle profiles.
+// The Explorer's detail panel on the selected matrix and step: its history, its update-mask overlaps, the top
+// singular values of its update and its principal-angle profiles.
 import { type NDArray, at } from "../codecs";
 import { fmt, linear, runColor, ticks } from "../scale";
 import { axes, el, frame, linePath, svg } from "../svg";
@@ -21,6 +21,7 @@ export function detail(st: State, parent: HTMLElement) {
     if (r < 0 || l < 0 || m < 0 || si < 0) return;
     history(row, r, l, m);
     overlaps(row, r, si, l, m);
+    spectrum(row, r, si, l, m);
     angles(row, r, si, l, m);
   }
 
@@ -69,16 +70,51 @@ export function detail(st: State, parent: HTMLElement) {
     }
   }
 
+  /** The index of the last of `steps` at or before step index `s` whose `finite(i)` holds, or -1. */
+  function atOrBefore(steps: number[], s: number, finite: (i: number) => boolean): number {
+    let e = -1;
+    for (let i = 0; i < steps.length; i++) if (steps[i] <= data.steps[s] && finite(i)) e = i;
+    return e;
+  }
+
+  function spectrum(parent: Element, r: number, s: number, l: number, m: number) {
+    const box = el("div", { className: "opd-mini" }, parent);
+    const sp = data.spectrum;
+    const e = sp ? atOrBefore(sp.steps, s, (i) => Number.isFinite(at(sp.s, r, i, l, m, 0))) : -1;
+    if (!sp || e < 0) {
+      el("div", { text: "top singular values of ΔW" }, box);
+      el("div", { className: "opd-note", text: "no spectrum stored at or before this step" }, box);
+      return;
+    }
+    const K = data.lockK;
+    const n = sp.s.shape[4];
+    const note = K > 0 && K < n ? ` (dashed: K = ${K})` : K === n ? ` (all K = ${K} of V_K)` : "";
+    el("div", { text: `top singular values σ_i of ΔW at step ${sp.steps[e]}${note}` }, box);
+    const values = Array.from({ length: n }, (_, i) => at(sp.s, r, e, l, m, i));
+    const finite = values.filter(Number.isFinite);
+    const hi = Math.max(1e-12, ...finite);
+    const f = frame(240, 150);
+    const root = svg("svg", { width: f.width, height: f.height }, box);
+    const x = linear(1, Math.max(2, n), f.margin.left, f.width - f.margin.right);
+    const y = linear(0, hi, f.height - f.margin.bottom, f.margin.top);
+    const xt = ticks(1, n, 4).filter(Number.isInteger);
+    const plot = axes(root, f, x, y, xt, ticks(0, hi, 3), { x: "index i", y: "σ_i" }, fmt);
+    const shown = values.map((v, i) => [i + 1, v]).filter(([, v]) => Number.isFinite(v));
+    svg("path", { d: linePath(shown.map(([i]) => x(i)), shown.map(([, v]) => y(v))), stroke: runColor(r), fill: "none", "stroke-width": 2 }, plot);
+    for (const [i, v] of shown) svg("circle", { cx: x(i), cy: y(v), r: 2.5, fill: runColor(r) }, plot);
+    if (K > 0 && K < n) {
+      const kx = x(K + 0.5);
+      svg("line", { x1: kx, x2: kx, y1: y(0), y2: y(hi), class: "opd-baseline" }, plot);
+    }
+  }
+
   function angles(parent: Element, r: number, s: number, l: number, m: number) {
     const box = el("div", { className: "opd-mini" }, parent);
     const a = data.angles;
-    const step = data.steps[s];
-    // The endpoint step at or before the selection that has angles for this matrix.
-    let e = -1;
-    if (a) {
-      for (let i = 0; i < a.steps.length; i++)
-        if (a.steps[i] <= step && Number.isFinite(at(a.v, r, i, l, m, 0))) e = i;
-    }
+    // The endpoint step at or before the selection that has angles for this matrix (on either side).
+    const e = a
+      ? atOrBefore(a.steps, s, (i) => Number.isFinite(at(a.v, r, i, l, m, 0)) || Number.isFinite(at(a.u, r, i, l, m, 0)))
+      : -1;
     if (!a || e < 0) {
       el("div", { text: "principal angles" }, box);
       el("div", { className: "opd-note", text: "no angles stored at or before this step (endpoint steps only)" }, box);

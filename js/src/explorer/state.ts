@@ -40,7 +40,10 @@ export interface Payload {
   labels: Record<string, string>;
   attrs: Record<string, Attrs>;
   angles: { u: Wire; v: Wire; steps: number[] } | null;
+  /** The top singular values of ΔW (run, step, layer, module, rank) at `steps`. */
+  spectrum: { s: Wire; steps: number[] } | null;
   mask_alpha: number;
+  lock_k: number;
 }
 
 export interface Model {
@@ -66,7 +69,9 @@ export interface Data {
   labels: Record<string, string>;
   attrs: Record<string, Attrs>;
   angles: { u: NDArray; v: NDArray; steps: number[] } | null;
+  spectrum: { s: NDArray; steps: number[] } | null;
   maskAlpha: number;
+  lockK: number;
   /** Per run, the indices into `steps` where the run has a checkpoint. */
   runSteps: number[][];
   /** Every module's index. */
@@ -79,8 +84,19 @@ export function decodePayload(p: Payload): Data {
   const metrics: Record<string, NDArray> = {};
   for (const [k, w] of Object.entries(p.metrics)) metrics[k] = decode(w);
   const angles = p.angles ? { u: decode(p.angles.u), v: decode(p.angles.v), steps: p.angles.steps } : null;
+  const spectrum = p.spectrum ? { s: decode(p.spectrum.s), steps: p.spectrum.steps } : null;
   const allModules = p.modules.map((_, m) => m);
-  return { ...p, progress, metrics, angles, maskAlpha: p.mask_alpha, runSteps, allModules };
+  return {
+    ...p,
+    progress,
+    metrics,
+    angles,
+    spectrum,
+    maskAlpha: p.mask_alpha,
+    lockK: p.lock_k,
+    runSteps,
+    allModules,
+  };
 }
 
 /** The NaN-skipping mean of a metric cube at (run, step index, layer index) over the module indices `ms`. */
