@@ -29,6 +29,8 @@ Endpoint spectra (``spectral``)
         (I − U_0U_0ᵀ)U_t; NaN on a side of dimension k, where they are zero by construction (``angle_sides``).
     spectral_shift(s0, st)
         ‖σ(W_t) − σ(W_0)‖₂ / ‖σ(W_0)‖₂ over full spectra.
+    intruder_dimensions(u0, ut, k=10, eps=0.5)
+        the top-k left singular vectors of W_t whose max |cos| with every left singular vector of W_0 is < ε.
 
 Trajectory of ΔW_t (``trajectory``)
     update_fro(dw)          ‖ΔW‖_F.
@@ -78,7 +80,16 @@ from .matrix import (
     nonfinite_diagnostics,
     origin_factors,
 )
-from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift, subspace_k
+from .spectral import (
+    ANGLE_K,
+    INTRUDER_EPS,
+    INTRUDER_K,
+    angle_sides,
+    intruder_dimensions,
+    principal_angles,
+    spectral_shift,
+    subspace_k,
+)
 from .support import ETA, UpdatePass, unchanged_fraction, update_mask, update_pass
 from .trajectory import HILL_K, LOCK_K, channel_applies, channel_energy, hill_alpha, sim_k, stable_rank, update_fro
 
@@ -110,6 +121,9 @@ __all__ = [
     "TopSpectrum",
     "fraction_mask",
     "hill_alpha",
+    "intruder_dimensions",
+    "INTRUDER_EPS",
+    "INTRUDER_K",
     "lowmag_mask",
     "mask_overlap",
     "matrix_diagnostics",

@@ -8,10 +8,25 @@ import torch
 
 from .linalg import Factors, subspace_angles, svd64
 
-__all__ = ["ANGLE_K", "subspace_k", "angle_sides", "principal_angles", "spectral_shift"]
+__all__ = [
+    "ANGLE_K",
+    "INTRUDER_K",
+    "INTRUDER_EPS",
+    "subspace_k",
+    "angle_sides",
+    "principal_angles",
+    "spectral_shift",
+    "intruder_dimensions",
+]
 
 ANGLE_K = 512
 """Default size k of the top singular subspaces compared by the principal angles (OPD App. C.3: 512 of 4096)."""
+
+
+INTRUDER_K = 10
+"""Default number of top singular vectors of W_t checked for intruders (Shuttleworth et al. 2024)."""
+INTRUDER_EPS = 0.5
+"""Default similarity threshold ε below which a singular vector of W_t is an intruder (the authors' code)."""
 
 
 def subspace_k(k: int | float, m: int, n: int) -> int:
@@ -72,3 +87,19 @@ def spectral_shift(s0: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
     """
     s0, st = s0.to(torch.float64), st.to(torch.float64)
     return torch.linalg.vector_norm(st - s0, dim=-1) / torch.linalg.vector_norm(s0, dim=-1)
+
+
+def intruder_dimensions(
+    u0: torch.Tensor, ut: torch.Tensor, k: int = INTRUDER_K, eps: float = INTRUDER_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence"):
+    the top-k left singular vectors u_i of W_t whose largest |cos| with any left singular vector of W_0 is below ε.
+
+    ``u0`` holds *all* of W_0's left singular vectors (m×min(m, n), the thin SVD), ``ut`` at least W_t's top k
+    (columns, descending σ). Returns ``(count, similarity)``: the number of intruders among the top k and, per
+    u_i, max_j |u_iᵀ u_{0,j}| (1 when u_i lies along a singular direction of W_0; for m ≤ n the basis spans
+    everything, so a small value means u_i spreads over many of W_0's directions). Float64, any batch.
+    """
+    k = min(k, ut.shape[-1])
+    similarity = (u0.to(torch.float64).mT @ ut[..., :k].to(torch.float64)).abs().amax(dim=-2)
+    return (similarity < eps).sum(-1), similarity
