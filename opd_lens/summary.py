@@ -19,6 +19,7 @@ from typing import Literal
 import pandas as pd
 import xarray as xr
 
+from .checkpoints.reader import load_json
 from .schema import VARIABLES
 
 __all__ = ["COLUMNS", "MISSING", "Column", "Summary", "held_out_accuracy", "summarize"]
@@ -120,7 +121,7 @@ def held_out_accuracy(ds: xr.Dataset) -> dict[str, float]:
 
 def _logged_accuracy(path: Path, step: int) -> float | None:
     try:
-        history = json.loads(path.read_text(encoding="utf-8")).get("log_history", [])
+        history = load_json(path).get("log_history", [])
     except (OSError, ValueError, AttributeError):
         return None
     values = [

@@ -1,9 +1,9 @@
 // The Explorer's layer × module grid: the selected run at the selected step, one column per projection (an MoE
 // projection's experts averaged), grouped by module type, on its own colour scale; a click selects the cell.
 import { type Cleanup, all, onDom } from "../listen";
-import { colorScale, fmt, paint } from "../scale";
+import { colorScale, fmt } from "../scale";
 import { el } from "../svg";
-import { cellAt, layerAxis } from "./heatmaps";
+import { cellAt, cellCanvas, layerAxis } from "./heatmaps";
 import { legend } from "./legend";
 import { type State, columns, meanAt, metricTitle } from "./state";
 
@@ -45,16 +45,7 @@ export function grid(st: State, parent: HTMLElement) {
     }
     layerAxis(body, data.layers);
     const cells = el("div", { className: "opd-grid-cells" }, body);
-    const canvas = el("canvas", { className: "opd-cells" }, cells);
-    canvas.width = Math.max(nC, 1);
-    canvas.height = nL;
-    canvas.style.height = `${GRID_HEIGHT}px`;
-    const ctx = canvas.getContext("2d");
-    if (ctx && nC) {
-      const img = ctx.createImageData(nC, nL);
-      for (let i = 0; i < nL * nC; i++) paint(img.data, 4 * i, scale.unit(values[i]));
-      ctx.putImageData(img, 0, 0);
-    }
+    const canvas = cellCanvas(cells, "opd-cells", nC, nL, GRID_HEIGHT, (i) => scale.unit(values[i]));
     const l0 = data.layers.indexOf(s.layer);
     const c0 = cols.findIndex((c) => c.modules.includes(data.modules.indexOf(s.module)));
     if (l0 >= 0 && c0 >= 0) {

@@ -31,6 +31,29 @@ export function cellAt(canvas: HTMLCanvasElement, ev: MouseEvent, nx: number, ny
   return [clamp((ev.clientX - box.left) / box.width, nx), clamp((ev.clientY - box.top) / box.height, ny)];
 }
 
+/** A canvas of `nx` × `ny` cells, one pixel each, drawn `height` px tall; cell i (row-major) gets the colour of
+ * `unit(i)` in [0, 1] (NaN: "not computed"). */
+export function cellCanvas(
+  parent: HTMLElement,
+  className: string,
+  nx: number,
+  ny: number,
+  height: number,
+  unit: (i: number) => number,
+): HTMLCanvasElement {
+  const canvas = el("canvas", { className }, parent);
+  canvas.width = Math.max(nx, 1);
+  canvas.height = ny;
+  canvas.style.height = `${height}px`;
+  const ctx = canvas.getContext("2d");
+  if (ctx && nx) {
+    const img = ctx.createImageData(nx, ny);
+    for (let i = 0; i < nx * ny; i++) paint(img.data, 4 * i, unit(i));
+    ctx.putImageData(img, 0, 0);
+  }
+  return canvas;
+}
+
 /** `onHover` runs when the hovered row (`st.hover`) changes. */
 export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
   const { model, data, root } = st;
@@ -63,17 +86,8 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
       if (data.methods[r] !== run) el("span", { className: "opd-method", text: data.methods[r] }, title);
       const body = el("div", { className: "opd-heat-body" }, panel);
       layerAxis(body, data.layers);
-      const canvas = el("canvas", { className: "opd-heat" }, body);
+      const canvas = cellCanvas(body, "opd-heat", nS, nL, HEAT_HEIGHT, (i) => st.scale.unit(grid[i]));
       canvas.dataset.run = run;
-      canvas.width = Math.max(nS, 1);
-      canvas.height = nL;
-      canvas.style.height = `${HEAT_HEIGHT}px`;
-      const ctx = canvas.getContext("2d");
-      if (ctx && nS) {
-        const img = ctx.createImageData(nS, nL);
-        for (let i = 0; i < nL * nS; i++) paint(img.data, 4 * i, st.scale.unit(grid[i]));
-        ctx.putImageData(img, 0, 0);
-      }
       const axis = el("div", { className: "opd-xaxis" }, body);
       const steps = data.runSteps[r].map((k) => data.steps[k]);
       for (const j of ordinalTicks(steps, STEP_TICKS)) tick(axis, steps[j], "left", (j + 0.5) / nS);
