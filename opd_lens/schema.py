@@ -27,10 +27,10 @@ __all__ = [
     "changed_after",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: the first release; 2: ``channel_energy``; 3: ``update_spectrum``, and NaN, not a value fixed by
 construction, where a matrix is too small for ``angle_k``, ``mask_rank`` or ``lock_k`` (the angles,
-``principal_overlap``, ``channel_energy``, ``lock_alignment``)."""
+``principal_overlap``, ``channel_energy``, ``lock_alignment``); 4: ``intruder_dimensions``."""
 
 MATRIX_DIMS = ("run", "step", "layer", "module")
 PROFILE_DIMS = (*MATRIX_DIMS, "angle_index")
@@ -188,6 +188,17 @@ VARIABLES: dict[str, Variable] = {
             _D + "spectral_shift",
         ),
         Variable(
+            "intruder_dimensions",
+            MATRIX_DIMS,
+            "endpoint",
+            "intruder dimensions among W_t's top 10",
+            "1",
+            "how many of W_t's top-10 left singular vectors have |cos| < 0.5 with every left singular vector of W₀ "
+            "(Shuttleworth et al. 2024)",
+            _D + "intruder_dimensions",
+            since=4,
+        ),
+        Variable(
             "channel_energy",
             MATRIX_DIMS,
             "step",
@@ -252,6 +263,11 @@ def added_after(version: int) -> list[str]:
     return [name for name, v in VARIABLES.items() if v.since > version]
 
 
-def changed_after(version: int) -> list[str]:
-    """The variables that steps computed under schema ``version`` lack or hold by an older definition."""
-    return [name for name, v in VARIABLES.items() if max(v.since, v.revised) > version]
+def changed_after(version: int, endpoint: bool = True) -> list[str]:
+    """The variables that steps computed under schema ``version`` lack or hold by an older definition (those a step
+    without endpoint metrics holds, for ``endpoint=False``)."""
+    return [
+        name
+        for name, v in VARIABLES.items()
+        if max(v.since, v.revised) > version and (endpoint or v.when != "endpoint")
+    ]

@@ -87,6 +87,8 @@ COLUMNS = (
     Column("max_angle_u_deg", "angle U", "top-k subspaces of W₀, W_t; {angle_k}", 1, "max_angle_u", "endpoint"),
     Column("max_angle_v_deg", "angle V", "top-k subspaces of W₀, W_t; {angle_k}", 1, "max_angle_v", "endpoint"),
     Column("spectral_shift", "σ shift", "", 3, "spectral_shift", "endpoint"),
+    Column("intruders", "intruders", "left singular vectors with |cos| < 0.5 to all of W₀'s", 1,
+           "intruder_dimensions", "endpoint"),
     Column("stable_rank", "stable rank", "", 2, "stable_rank"),
     Column("update_fro", "‖ΔW‖_F", "", 3, "update_fro"),
     Column("lock_alignment_first", "Sim_K 1st", "top-K right singular vectors; {lock_k}", 3, "lock_alignment", "first"),

@@ -77,10 +77,11 @@ def test_the_table_is_consistent():
         )
         module, _, name = v.formula.rpartition(".")
         assert hasattr(__import__(module, fromlist=[name]), name), v.formula  # the formula it names exists
-    assert added_after(1) == ["channel_energy", "update_spectrum"] and added_after(SCHEMA_VERSION) == []
-    assert added_after(2) == ["update_spectrum"]
+    assert added_after(1) == ["intruder_dimensions", "channel_energy", "update_spectrum"]
+    assert added_after(2) == ["intruder_dimensions", "update_spectrum"] and added_after(SCHEMA_VERSION) == []
     revised = {"lock_alignment", "principal_overlap", "channel_energy", "max_angle_u", "max_angle_v", *ANGLES}
-    assert set(changed_after(2)) == revised | {"update_spectrum"}
+    assert set(changed_after(2)) == revised | {"update_spectrum", "intruder_dimensions"}
+    assert changed_after(3) == ["intruder_dimensions"] and changed_after(3, endpoint=False) == []
     assert changed_after(SCHEMA_VERSION) == []
 
 
@@ -127,9 +128,10 @@ def test_a_previous_release_store_migrates_and_computes(migrated):
     np.testing.assert_allclose(ds.stable_rank, ds.update_fro**2 / ds.update_spectrum.isel(rank_index=0) ** 2, rtol=1e-4)
     # what the old release stored is what today's recompute gives, endpoint angles of the last step included
     for name in (*SCALARS, *ANGLES):
-        if name != "channel_energy":
+        if name not in added_after(1):
             np.testing.assert_allclose(ds[name].values, before[name].values, rtol=1e-4, atol=1e-6, err_msg=name)
-    assert bool(ds.max_angle_v.sel(step=30).notnull().all()) and bool(ds.max_angle_v.sel(step=10).isnull().all())
+    for name in ("max_angle_v", "intruder_dimensions"):  # endpoint metrics, at the last step only
+        assert bool(ds[name].sel(step=30).notnull().all()) and bool(ds[name].sel(step=10).isnull().all()), name
     store = opd_lens.open_store(root / "store", create=False)
     assert store.compute(progress=False).matrices_read == 0  # migrated once: nothing left to do
     assert {e["schema"] for e in store.runs["sft"]["checkpoints"].values()} == {SCHEMA_VERSION}

@@ -31,6 +31,8 @@ Endpoint spectra (``spectral``)
         ‖σ(W_t) − σ(W_0)‖₂ / ‖σ(W_0)‖₂ over full spectra.
     intruder_dimensions(u0, ut, k=10, eps=0.5)
         the top-k left singular vectors of W_t whose max |cos| with every left singular vector of W_0 is < ε.
+    intruder_count(ut, u0_top, u0_all)
+        their number, exactly, from W_0's top vectors where the bound √(1 − ‖U_{0,top}ᵀu‖²) < ε decides it.
 
 Trajectory of ΔW_t (``trajectory``)
     update_fro(dw)          ‖ΔW‖_F.
@@ -85,6 +87,7 @@ from .spectral import (
     INTRUDER_EPS,
     INTRUDER_K,
     angle_sides,
+    intruder_count,
     intruder_dimensions,
     principal_angles,
     spectral_shift,
@@ -122,6 +125,7 @@ __all__ = [
     "fraction_mask",
     "hill_alpha",
     "intruder_dimensions",
+    "intruder_count",
     "INTRUDER_EPS",
     "INTRUDER_K",
     "lowmag_mask",

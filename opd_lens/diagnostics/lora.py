@@ -14,7 +14,15 @@ import torch
 from . import bits
 from .krylov import TopSpectrum
 from .linalg import Factors
-from .matrix import MatrixDiagnostics, OriginFactors, Settings, assemble, endpoint_factors, origin_factors
+from .matrix import (
+    MatrixDiagnostics,
+    OriginFactors,
+    Settings,
+    assemble,
+    endpoint_factors,
+    endpoint_intruders,
+    origin_factors,
+)
 from .support import update_mask
 
 __all__ = ["lora_spectrum", "lora_weight", "lora_update_mask", "lora_diagnostics"]
@@ -73,8 +81,11 @@ def lora_diagnostics(
     pad = min(settings.top_k, m, n) - top.s.shape[0]
     if pad > 0:  # a rank-r update has min(m, n) - r zero singular values: Hill α needs them
         top = top._replace(s=torch.cat([top.s, top.s.new_zeros(pad)]))
-    ft = None
+    ft = intruders = None
     if endpoint:
-        ft = factors_t if factors_t is not None else endpoint_factors(lora_weight(w0, left, right), settings)
+        wt = lora_weight(w0, left, right)
+        ft = factors_t if factors_t is not None else endpoint_factors(wt, settings)
+        intruders = endpoint_intruders(w0, wt, ft, o, settings)
+        del wt
     changed = bits.pack(lora_update_mask(w0, left, right, settings.eta))
-    return assemble(changed, bits.count(changed), fro, top, settings, o, (m, n), ft)
+    return assemble(changed, bits.count(changed), fro, top, settings, o, (m, n), ft, intruders)

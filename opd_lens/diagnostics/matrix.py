@@ -16,7 +16,7 @@ from . import bits
 from .krylov import TopSpectrum, krylov_applies, start_block, top_spectrum
 from .linalg import Factors, gram_svd, svd64
 from .masks import MASK_ALPHA, MASK_RANK, lowmag_mask, principal_mask, principal_mask_applies
-from .spectral import ANGLE_K, angle_sides, principal_angles, spectral_shift, subspace_k
+from .spectral import ANGLE_K, INTRUDER_K, angle_sides, intruder_count, principal_angles, spectral_shift, subspace_k
 from .support import ETA, UpdatePass, update_pass
 from .trajectory import HILL_K, LOCK_K, channel_applies, channel_energy, hill_alpha, stable_rank
 
@@ -26,6 +26,7 @@ __all__ = [
     "MatrixDiagnostics",
     "origin_factors",
     "endpoint_factors",
+    "endpoint_intruders",
     "matrix_diagnostics",
     "nonfinite_diagnostics",
     "assemble",
@@ -97,6 +98,9 @@ class MatrixDiagnostics:
     max_angle_u: float
     max_angle_v: float
     spectral_shift: float
+    intruder_dimensions: float
+    """How many of W_t's top :data:`~opd_lens.diagnostics.INTRUDER_K` left singular vectors are intruders
+    (:func:`~opd_lens.diagnostics.intruder_dimensions`); NaN without endpoint metrics."""
     channel_energy: float
     angles_u: torch.Tensor
     """Principal angles (degrees, ascending) of the left singular subspaces; empty when not computed."""
@@ -181,10 +185,25 @@ def matrix_diagnostics(
     k = settings.top_k
     top = top_spectrum(delta, k, exact=settings.exact, check_finite=overflow, sketch=sketch)
     del delta, sketch  # before the SVD of W_t: the largest allocations never coexist
-    ft = None
+    ft = intruders = None
     if endpoint:
         ft = factors_t if factors_t is not None else endpoint_factors(wt, settings)
-    return assemble(changed, n_changed, fro, top, settings, o, tuple(w0.shape), ft)
+        intruders = endpoint_intruders(w0, wt, ft, o, settings)
+    return assemble(changed, n_changed, fro, top, settings, o, tuple(w0.shape), ft, intruders)
+
+
+def endpoint_intruders(
+    w0: torch.Tensor, wt: torch.Tensor, factors_t: Factors, origin: OriginFactors, settings: Settings
+) -> int:
+    """The intruder dimensions of W_t (:func:`~opd_lens.diagnostics.intruder_count`) from the SVDs the endpoint
+    metrics already hold: W_t's top left vectors (factorized again for its top k only where the angles leave out
+    the left side or hold fewer) and W_0's cached top-``angle_k``; W_0 is factorized whole only for a vector those
+    cannot decide."""
+    if origin.factors is None:
+        raise ValueError("intruder dimensions need the origin's SVD; pass OriginFactors with factors")
+    k = min(INTRUDER_K, *w0.shape)
+    ut = factors_t.u if factors_t.u.shape[-1] >= k else _factorize(wt, k, settings.exact).u
+    return intruder_count(ut[:, :k], origin.factors.u, lambda: _factorize(w0, None, settings.exact).u, k)
 
 
 def assemble(
@@ -196,10 +215,12 @@ def assemble(
     origin: OriginFactors,
     shape: tuple[int, int],
     factors_t: Factors | None,
+    intruders: int | None = None,
 ) -> MatrixDiagnostics:
     """The diagnostics from their ingredients: the packed update mask and its count, ‖ΔW‖_F, the top spectrum of
-    ΔW and, for the endpoint metrics, :func:`endpoint_factors` of W_t (``None``: angles and spectral shift are
-    NaN). Values a matrix this small cannot give are NaN (see :class:`Settings`)."""
+    ΔW and, for the endpoint metrics, :func:`endpoint_factors` of W_t and :func:`endpoint_intruders` (``None``:
+    angles, spectral shift and intruders are NaN). Values a matrix this small cannot give are NaN (see
+    :class:`Settings`)."""
     nan = float("nan")
     angles_u = angles_v = torch.empty(0, dtype=torch.float64)
     principal = principal_mask_applies(shape, settings.mask_rank)
@@ -224,6 +245,7 @@ def assemble(
         max_angle_u=_max(angles_u),
         max_angle_v=_max(angles_v),
         spectral_shift=shift,
+        intruder_dimensions=nan if intruders is None else float(intruders),
         channel_energy=float(channel_energy(top.s, fro, settings.lock_k)) if channel else nan,
         angles_u=angles_u,
         angles_v=angles_v,
@@ -264,6 +286,7 @@ def _nonfinite(
         max_angle_u=nan,
         max_angle_v=nan,
         spectral_shift=nan,
+        intruder_dimensions=nan,
         channel_energy=nan,
         angles_u=torch.empty(0, dtype=torch.float64),
         angles_v=torch.empty(0, dtype=torch.float64),

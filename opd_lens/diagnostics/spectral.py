@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -17,6 +18,7 @@ __all__ = [
     "principal_angles",
     "spectral_shift",
     "intruder_dimensions",
+    "intruder_count",
 ]
 
 ANGLE_K = 512
@@ -103,3 +105,36 @@ def intruder_dimensions(
     k = min(k, ut.shape[-1])
     similarity = (u0.to(torch.float64).mT @ ut[..., :k].to(torch.float64)).abs().amax(dim=-2)
     return (similarity < eps).sum(-1), similarity
+
+
+_DECIDED = 1e-6
+"""Margin by which W_0's unseen directions must stay below ε for :func:`intruder_count` to decide without them."""
+
+
+def intruder_count(
+    ut: torch.Tensor,
+    u0_top: torch.Tensor,
+    u0_all: Callable[[], torch.Tensor],
+    k: int = INTRUDER_K,
+    eps: float = INTRUDER_EPS,
+) -> int:
+    """The count of :func:`intruder_dimensions`, exactly, reading all of W_0's left singular vectors only where its
+    top ones cannot decide.
+
+    ``ut`` holds W_t's top left singular vectors (at least k), ``u0_top`` W_0's top ones (any number, m×0
+    included) and ``u0_all()`` returns all of them. With c = U_{0,top}ᵀ u_i, u_i is no intruder once max |c_j| ≥ ε,
+    and an intruder once also ‖u_i − U_{0,top} c‖ = √(1 − ‖c‖²) < ε, since that bounds |cos| with every other
+    singular vector of W_0 (orthonormal to the top ones). Only vectors left between the two bounds are compared
+    with ``u0_all()``: a small update needs no more than the cached top vectors, a new direction at most one more
+    factorization of W_0.
+    """
+    ut = ut[..., : min(k, ut.shape[-1])].to(torch.float64)
+    c = u0_top.to(torch.float64).mT @ ut
+    seen = c.abs().amax(dim=-2) if c.shape[-2] else torch.zeros(ut.shape[-1], dtype=torch.float64, device=ut.device)
+    rest = (1.0 - (c * c).sum(dim=-2)).clamp(min=0.0).sqrt()
+    below = seen < eps
+    open_ = below & (rest >= eps - _DECIDED)
+    count = int((below & ~open_).sum())
+    if bool(open_.any()):
+        count += int(intruder_dimensions(u0_all(), ut[..., open_], k=ut.shape[-1], eps=eps)[0])
+    return count

@@ -66,7 +66,8 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     for c in ckpts:
         entry = recorded.get(c.step)
         same = entry is not None and entry["fingerprint"] == c.fingerprint
-        older = same and bool(changed_after(entry.get("schema", 1)))  # stored under an older schema: bring it up
+        # stored under an older schema: bring it up, unless only endpoint metrics changed and it holds none
+        older = same and bool(changed_after(entry.get("schema", 1), entry["endpoint"]))
         if same and not older and bases.has(c.step) and (c.step not in ends or entry["endpoint"]):
             continue
         if entry is not None and not same:
