@@ -106,8 +106,9 @@ def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_len
         f"{store.path}: {ds.sizes['run']} run(s), {ds.sizes['layer']} layer(s) x {ds.sizes['module']} module(s).",
         Summary.of(ds),
         "The Explorer: pick a metric and a module; each heatmap is one run's layers × checkpoints, a click shows "
-        "that matrix's history, mask overlaps and principal angles below.",
-        Explorer(ds, metric="unchanged_frac"),
+        'that matrix\'s history, mask overlaps and principal angles below. Under "channels across runs", each '
+        "run's Sim_K to another run's final channel: do runs from one origin use the same directions?",
+        Explorer(store, metric="unchanged_frac"),
         "Update regimes: how much of each run's weights moved at all (unchanged %), and how far its top singular "
         "subspaces and spectrum turned. The paper: OPD leaves about half of the bf16 weights unchanged and rotates "
         "about 1°, SFT rotates more than 10°, RLVR less than 0.5°.",

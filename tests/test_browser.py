@@ -198,6 +198,37 @@ def test_offline_html_renders_and_stays_interactive_with_the_network_blocked(bro
     page.close()
 
 
+def test_channels_across_runs_offline(browser, widget_store, tmp_path):
+    """A second run from sft's origin (same planted directions, less of the sparse part): picking "Sim_K to the
+    final channel of sft" colours both runs from one origin and leaves the run from another origin blank."""
+    import shutil
+
+    from opd_lens import open_store
+    from opd_lens.testing import qwen3_config, write_planted_run
+
+    shutil.copytree(widget_store, tmp_path / "store")
+    store = open_store(tmp_path / "store", create=False)
+    origin, run = write_planted_run(tmp_path / "twin", config=qwen3_config(layers=3, hidden=32, intermediate=64),
+                                    steps=(10, 30), scale=0.05, spectrum="planted")  # fmt: skip
+    store.add_run("sft-twin", run, origin, method="sft")
+    store.compute(progress=False)
+    path = export_html([Explorer(store)], tmp_path / "channels.html")
+    page, guard = _open_offline(browser, path)
+    page.locator("canvas.opd-heat").first.wait_for(timeout=60_000)
+    group = page.locator("select[aria-label=metric] optgroup")
+    assert group.get_attribute("label") == "channels across runs"
+    runs = ["sft", EVIL_NAME, "sft-twin"]
+    assert group.locator("option").all_text_contents() == [f"Sim_K to {r}'s final channel" for r in runs]
+    _pick(page, "metric", "channel_overlap:sft")
+    legend = page.locator(".opd-explorer > .opd-legend .opd-legend-title").text_content()
+    assert legend == "Sim_K to sft's final channel [dimensionless]:"
+    assert "do the runs share a channel?" in page.locator(".opd-explorer .opd-description").text_content()
+    page.mouse.move(0, 0)
+    page.screenshot(path=ARTIFACTS / "explorer-channels.png", full_page=True)
+    assert guard.blocked == [] and guard.errors == [] and guard.dialogs == []
+    page.close()
+
+
 def test_monitor_draws_red_exactly_the_alarms_it_lists(browser, widget_store, tmp_path):
     # Every stable rank is above 0 and every Sim_K below 1.1, but only the checkpoints from step 20 on alarm.
     mon = LockMonitor(widget_store, "sft", sim_band=(1.1, None), stable_rank_band=(None, 0.0), from_step=20)
@@ -274,7 +305,15 @@ def _pick(page, label: str, value: str) -> float:
 def test_explorer_render_time_at_paper_scale(browser, tmp_path):
     """36 layers × 7 modules × 300 steps × 6 runs, every metric: first render, a metric switch, the mean over
     modules and keyboard steps, measured; the axes stay readable."""
-    ex = Explorer(_large_dataset())
+    ds = _large_dataset()
+    rng = np.random.default_rng(1)
+    channels = xr.DataArray(  # every run against every run's final channel, as final_channel_overlap gives it
+        rng.random((ds.sizes["run"], *ds.stable_rank.shape), dtype=np.float32),
+        dims=("other", "run", "step", "layer", "module"),
+        coords={"other": ds.run.values, **{d: ds[d].values for d in ("run", "step", "layer", "module")}},
+        attrs={"lock_k": 16},
+    )
+    ex = Explorer(ds, channels=channels)
     path = export_html([ex], tmp_path / "large.html")
     page, guard = _open_offline(browser, path)
     t0 = time.monotonic()
@@ -295,6 +334,11 @@ def test_explorer_render_time_at_paper_scale(browser, tmp_path):
         page.locator(".opd-explorer > .opd-legend .opd-legend-title").text_content()
         == "largest principal angle, U side [°]:"
     )
+    channel_ms = _pick(page, "metric", "channel_overlap:run-3")
+    assert (
+        page.locator(".opd-explorer > .opd-legend .opd-legend-title").text_content()
+        == "Sim_K to run-3's final channel [dimensionless]:"
+    )
     mean_ms = _pick(page, "module", "")
     step_ms = page.evaluate(
         """() => {
@@ -307,11 +351,12 @@ def test_explorer_render_time_at_paper_scale(browser, tmp_path):
     assert page.locator(".opd-detail .opd-panel-title").text_content() == "run-0 · layer 0 · mlp.down_proj · step 2800"
     page.screenshot(path=ARTIFACTS / "explorer-paper-scale-mean.png", full_page=True)
     report = {
-        "grid": "6 runs x 300 steps x 36 layers x 7 modules, 10 metrics",
+        "grid": "6 runs x 300 steps x 36 layers x 7 modules, 10 metrics and 6 cross-run channel overlaps",
         "html_bytes": path.stat().st_size,
         "page_load_s": round(load_s, 2),
         "first_render_ms": render_ms,
         "metric_switch_ms": round(switch_ms, 1),
+        "channel_switch_ms": round(channel_ms, 1),
         "mean_over_modules_ms": round(mean_ms, 1),
         "keyboard_step_ms": round(step_ms, 2),
     }

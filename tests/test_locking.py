@@ -15,7 +15,7 @@ from opd_lens.checkpoints.writer import save_checkpoint
 from opd_lens.cli import main
 from opd_lens.diagnostics import Settings
 from opd_lens.errors import ChartError, StoreError, ZooError
-from opd_lens.locking import channel_overlap, lock_alignment, lock_summary
+from opd_lens.locking import channel_overlap, final_channel_overlap, lock_alignment, lock_summary
 from opd_lens.testing import qwen3_config, qwen3_shapes
 from opd_lens.widgets import RetrainJob
 from opd_lens.zoo import load_zoo, rank_constrained_retrain, retrain_accuracy
@@ -92,6 +92,27 @@ def test_channel_overlap_across_runs_matches_a_numpy_oracle(lock_store):
     assert float(mean.sel(step=40)) < 2 * float(over.chance.mean())  # channel B against A: chance level
 
 
+def test_every_pair_at_once_is_channel_overlap_of_each_pair(lock_store, tmp_path):
+    """final_channel_overlap: each (other, run) cube is channel_overlap against other's last step, on the Dataset's
+    grid; against itself a run gives its lock_alignment; without cached bases there is nothing to give."""
+    store, *_ = lock_store
+    every = final_channel_overlap(store)
+    assert every.dims == ("other", "run", "step", "layer", "module") and list(every.other.values) == [
+        "turning",
+        "locked",
+    ]
+    ds = store.dataset()
+    for other in ("turning", "locked"):
+        for run in ("turning", "locked"):
+            pair = channel_overlap(store, run, other).isel(other_step=0, drop=True)
+            got = every.sel(other=other, run=run).sel(step=pair.step)
+            np.testing.assert_array_equal(got.transpose(*pair.dims).values, pair.values)
+        np.testing.assert_allclose(every.sel(other=other, run=other), ds.lock_alignment.sel(run=other), atol=1e-6)
+    shutil.copytree(store.path, tmp_path / "store")
+    shutil.rmtree(open_store(tmp_path / "store", create=False).run_cache("locked"))
+    assert final_channel_overlap(tmp_path / "store") is None
+
+
 def test_channel_overlap_chart_reads_at_a_glance(lock_store):
     store, *_ = lock_store
     over = channel_overlap(store, "turning", "locked", other_steps=[10, 40])
@@ -124,6 +145,9 @@ def test_channel_overlap_refuses_runs_from_different_origins(lock_store, tmp_pat
     copy.compute(progress=False, endpoint="none")
     with pytest.raises(StoreError, match="start from different origins"):
         channel_overlap(copy, "turning", "elsewhere")
+    every = final_channel_overlap(copy)  # runs of another origin share no channel: NaN, not an error
+    assert bool(every.sel(other="elsewhere", run="turning").isnull().all())
+    assert bool(every.sel(other="elsewhere", run="elsewhere").notnull().any())
     with pytest.raises(StoreError, match="no computed run 'nope'"):
         channel_overlap(copy, "turning", "nope")
     with pytest.raises(StoreError, match=r"run 'locked' has no computed step 15; it has \[10, 20, 30, 40\]"):

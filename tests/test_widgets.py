@@ -43,7 +43,8 @@ def test_payload_carries_every_metric_cube_exactly(ds):
     assert p["steps"] == [10, 20, 30] and p["layers"] == [0, 1, 2] and len(p["modules"]) == 7
     assert set(p["metrics"]) == {
         "unchanged_frac", "update_fro", "stable_rank", "hill_alpha", "lock_alignment",
-        "principal_overlap", "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift", "channel_energy",
+        "principal_overlap", "lowmag_overlap", "max_angle_u", "max_angle_v", "spectral_shift", "intruder_dimensions",
+        "channel_energy",
     }  # fmt: skip
     for name, w in p["metrics"].items():
         np.testing.assert_array_equal(unwire(w), ds[name].transpose("run", "step", "layer", "module").values)
@@ -107,6 +108,25 @@ def test_explorer_accepts_a_path_a_store_or_a_dataset(widget_store, ds):
     assert ex.module == "mlp.down_proj"  # one module, not the mean over modules
     assert Explorer(ds, module="").module == ""
     assert "Explorer runs=" in repr(ex)
+
+
+def test_explorer_of_a_store_offers_channels_across_runs(widget_store, ds):
+    """From a store, one metric per run: every run's Sim_K to that run's final channel (its own: lock_alignment;
+    the other run starts from another origin: NaN)."""
+    from opd_lens.locking import final_channel_overlap
+
+    ex = Explorer(widget_store, metric="channel_overlap:sft")
+    names = [f"channel_overlap:{r}" for r in ("sft", EVIL_NAME)]
+    assert [m for m in ex._data["metrics"] if m.startswith("channel_overlap:")] == names
+    assert ex._data["attrs"]["channel_overlap:sft"] == {"long_name": "Sim_K to sft's final channel", "units": "1"}
+    assert "K/n = chance" in ex._data["labels"]["channel_overlap:sft"]
+    cube = np.frombuffer(ex._data["metrics"]["channel_overlap:sft"]["view"], np.float32).reshape(ds.stable_rank.shape)
+    np.testing.assert_allclose(cube[0], ds.lock_alignment.sel(run="sft").values, atol=1e-6)
+    assert np.isnan(cube[1]).all()
+    for quiet in (Explorer(ds), Explorer(widget_store, channels=False)):
+        assert not any(m.startswith("channel_overlap:") for m in quiet._data["metrics"])
+    given = Explorer(ds, channels=final_channel_overlap(widget_store))
+    assert given._data["metrics"]["channel_overlap:sft"]["view"].tobytes() == cube.tobytes()
 
 
 def test_explorer_validates_its_traits(widget_store):

@@ -6,7 +6,7 @@ constrains a run and feeds its checkpoints to a store. The demo zoo's rank-const
 ``OpdLensCallback`` needs ``transformers`` (the ``zoo`` extra), so it loads on first use.
 """
 
-from .analysis import channel_overlap, lock_alignment, lock_summary
+from .analysis import channel_overlap, final_channel_overlap, lock_alignment, lock_summary
 from .projector import MODES, SubspaceError, SubspaceProjector, Subspaces, subspaces_from_checkpoint
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "SubspaceProjector",
     "Subspaces",
     "channel_overlap",
+    "final_channel_overlap",
     "lock_alignment",
     "lock_summary",
     "subspaces_from_checkpoint",

@@ -17,7 +17,7 @@ from ..cache import parse_matrix_key
 from ..errors import StoreError
 from ..store import Store, open_store
 
-__all__ = ["channel_overlap", "lock_alignment", "lock_summary"]
+__all__ = ["channel_overlap", "final_channel_overlap", "lock_alignment", "lock_summary"]
 
 
 def lock_alignment(
@@ -80,7 +80,44 @@ def channel_overlap(
     update, or ``lock_k`` ≥ min(m, n)) or is not in both runs.
     """
     store = store if isinstance(store, Store) else open_store(store, create=False)
+    return _overlap(store, store.dataset(), run, other, other_steps)
+
+
+def final_channel_overlap(store: Store | str | os.PathLike) -> xr.DataArray | None:
+    """:func:`channel_overlap` of every run against every run's final channel at once: a DataArray over (other, run,
+    step, layer, module) on the store's Dataset grid, NaN where ``run`` and ``other`` start from different origins
+    or a step is not computed; against itself a run gives its ``lock_alignment``. ``None`` when some computed
+    step has no cached V_K bases (a store filled without the engine)."""
+    store = store if isinstance(store, Store) else open_store(store, create=False)
     ds = store.dataset()
+    names = [str(r) for r in ds.run.values]
+    steps = {name: _computed_steps(ds, name, store) for name in names}
+    if not all(store.lock_bases(name).has(s) for name in names for s in steps[name]):
+        return None
+    out = np.full((len(names), *ds.stable_rank.transpose("run", "step", "layer", "module").shape), np.nan, np.float32)
+    origin = {name: store.runs[name]["origin_fingerprint"] for name in names}
+    slot = {int(s): i for i, s in enumerate(ds.step.values)}
+    for o, other in enumerate(names):
+        for r, run in enumerate(names):
+            if steps[run] and steps[other] and origin[run] == origin[other]:
+                sim = _overlap(store, ds, run, other, None).isel(other_step=0)
+                out[o, r, [slot[s] for s in steps[run]]] = sim.transpose("step", "layer", "module").values
+    return xr.DataArray(
+        out,
+        dims=("other", "run", "step", "layer", "module"),
+        coords={
+            "other": names,
+            "run": names,
+            "step": ds.step.values,
+            "layer": ds.layer.values,
+            "module": ds.module.values,
+        },
+        name="final_channel_overlap",
+        attrs={"long_name": "Sim_K to a run's final channel", "units": "1", "lock_k": int(ds.attrs["lock_k"])},
+    )
+
+
+def _overlap(store: Store, ds: xr.Dataset, run: str, other: str, other_steps) -> xr.DataArray:
     steps = {name: _computed_steps(ds, name, store) for name in (run, other)}
     runs = store.runs
     if runs[run]["origin_fingerprint"] != runs[other]["origin_fingerprint"]:

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import xarray as xr
 
 from ..schema import ANGLES, SCALARS, VARIABLES
-from ..store import Store, open_store
 
 ANGLE_BUDGET = 32 * 2**20
 """Bytes of angle profiles the Explorer ships; beyond it, only each run's last endpoint step."""
 SPECTRUM_BUDGET = 8 * 2**20
 """Bytes of update spectra the Explorer ships; beyond it, only each run's last step."""
-
-
-def as_dataset(source: xr.Dataset | Store | str | os.PathLike) -> xr.Dataset:
-    """The Dataset of a Dataset, a :class:`~opd_lens.Store` or the path of one."""
-    if isinstance(source, xr.Dataset):
-        return source
-    if isinstance(source, Store):
-        return source.dataset()
-    return open_store(source, create=False).dataset()
+CHANNEL_BUDGET = 16 * 2**20
+"""Bytes of cross-run channel overlaps (runs² cubes) the Explorer ships; beyond it, none."""
+CHANNEL_PREFIX = "channel_overlap:"
+"""The Explorer's metric ``channel_overlap:OTHER``: each run's Sim_K to run OTHER's final channel."""
 
 
 def wire(a: np.ndarray) -> dict:
@@ -32,8 +24,10 @@ def wire(a: np.ndarray) -> dict:
     return {"view": memoryview(a).cast("B"), "dtype": str(a.dtype), "shape": list(a.shape)}
 
 
-def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
-    """The Explorer's data: every per-matrix metric cube (run, step, layer, module) and the angle profiles."""
+def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None, channels: xr.DataArray | None = None) -> dict:
+    """The Explorer's data: every per-matrix metric cube (run, step, layer, module) and the angle profiles; with
+    ``channels`` (:func:`~opd_lens.locking.final_channel_overlap`), one more cube per run, ``channel_overlap:RUN``:
+    every run's Sim_K to RUN's final channel."""
     available = [m for m in SCALARS if m in ds]
     metrics = available if metrics is None else list(metrics)
     unknown = sorted(set(metrics) - set(available))
@@ -48,14 +42,36 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None) -> dict:
         "modules": [str(m) for m in ds.module.values],
         **_module_types(ds),
         "progress": wire(ds.progress.values),
-        "metrics": {m: wire(ds[m].values) for m in metrics},
-        "labels": {m: VARIABLES[m].description for m in metrics},
-        "attrs": {m: _title_attrs(ds[m]) for m in metrics},
+        "metrics": {m: wire(ds[m].values) for m in metrics} | _cubes(channels, lambda c: wire(c.values)),
+        "labels": {m: VARIABLES[m].description for m in metrics} | _cubes(channels, _channel_label),
+        "attrs": {m: _title_attrs(ds[m]) for m in metrics} | _cubes(channels, _channel_attrs),
         "angles": _angles(ds),
         "spectrum": _spectrum(ds),
         "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
         "lock_k": int(ds.attrs.get("lock_k", 0)),
     }
+
+
+def _cubes(channels: xr.DataArray | None, value) -> dict:
+    """``channel_overlap:OTHER`` -> ``value`` of its (run, step, layer, module) cube, for every other run."""
+    if channels is None:
+        return {}
+    return {
+        CHANNEL_PREFIX + str(o): value(channels.sel(other=o).transpose("run", "step", "layer", "module"))
+        for o in channels.other.values
+    }
+
+
+def _channel_label(cube: xr.DataArray) -> str:
+    k = cube.attrs.get("lock_k", "K")
+    return (
+        f"Sim_K (K = {k}) of each run's top-K update directions to {cube.other.item()}'s final ones: do the runs share "
+        "a channel? 1 = the same subspace, K/n = chance"
+    )
+
+
+def _channel_attrs(cube: xr.DataArray) -> dict[str, str]:
+    return {"long_name": f"Sim_K to {cube.other.item()}'s final channel", "units": "1"}
 
 
 def _module_types(ds: xr.Dataset) -> dict[str, list[str]]:

@@ -8,8 +8,9 @@ import anywidget
 import traitlets
 import xarray as xr
 
-from ..store import Store
-from ._data import as_dataset, explorer_payload
+from ..locking import final_channel_overlap
+from ..store import Store, open_store
+from ._data import CHANNEL_BUDGET, explorer_payload
 from ._static import STATIC
 
 __all__ = ["Explorer"]
@@ -26,6 +27,12 @@ class Explorer(anywidget.AnyWidget):
         ex = Explorer("runs.zarr", metric="unchanged_frac")
         ex                       # in a notebook cell
         ex.selection             # {'run': 'sft', 'layer': 3, 'module': 'mlp.down_proj', 'step': 200}
+        ex.metric = "channel_overlap:opd"   # every run's Sim_K to opd's final channel
+
+    Given a store (not a Dataset), the Explorer also offers channels across runs: metric ``channel_overlap:RUN``
+    is each run's Sim_K to RUN's final channel (:func:`~opd_lens.locking.final_channel_overlap`, from the cached
+    V_K bases), up to :data:`~opd_lens.widgets._data.CHANNEL_BUDGET` bytes of them (``channels=False``: none; a
+    DataArray from that function: those).
     """
 
     _esm = STATIC / "explorer.js"
@@ -45,9 +52,16 @@ class Explorer(anywidget.AnyWidget):
         scale: str = "linear",
         selection: dict | None = None,
         metrics: list[str] | None = None,
+        channels: bool | xr.DataArray = True,
     ):
-        ds = as_dataset(source)
-        data = explorer_payload(ds, metrics)
+        store = None if isinstance(source, xr.Dataset) else source
+        store = open_store(store, create=False) if store is not None and not isinstance(store, Store) else store
+        ds = source if store is None else store.dataset()
+        size = ds.sizes["run"] ** 2 * ds.stable_rank.size // ds.sizes["run"] * 4
+        overlap = channels if isinstance(channels, xr.DataArray) else None
+        if channels is True and store is not None and size <= CHANNEL_BUDGET:
+            overlap = final_channel_overlap(store)
+        data = explorer_payload(ds, metrics, overlap)
         module = data["modules"][0] if module is None else module  # the paper reads its findings per module
         first = ds.isel(run=0)
         default = {

@@ -1,7 +1,7 @@
 // The Explorer's controls: metric, module (grouped by type) and colour pickers, the step scrubber, and keyboard navigation.
 import { type Cleanup, all, onDom, onModel } from "../listen";
 import { el } from "../svg";
-import { type State, columns, navigate } from "./state";
+import { CHANNEL_PREFIX, type State, columns, metricName, navigate } from "./state";
 
 export function controls(st: State, parent: HTMLElement) {
   const { model, data } = st;
@@ -32,7 +32,10 @@ export function controls(st: State, parent: HTMLElement) {
       }),
     );
   };
-  picker("metric", Object.keys(data.metrics).map((m) => [m, m]), "metric");
+  // Cross-run channel overlaps (metric "channel_overlap:RUN") are grouped under the run whose channel they compare with.
+  const metricOption = (m: string): [string, string, string?] =>
+    m.startsWith(CHANNEL_PREFIX) ? [m, `${metricName(m)}'s final channel`, "channels across runs"] : [m, m];
+  picker("metric", Object.keys(data.metrics).map(metricOption), "metric");
   const byType = columns(data).flatMap((c) =>
     c.modules.map((m): [string, string, string] => [data.modules[m], data.modules[m], c.type]),
   );

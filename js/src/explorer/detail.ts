@@ -3,7 +3,7 @@
 import { type NDArray, at } from "../codecs";
 import { fmt, linear, runColor, ticks } from "../scale";
 import { axes, el, frame, linePath, svg } from "../svg";
-import { type State, unitText } from "./state";
+import { type State, metricName, unitText } from "./state";
 
 export function detail(st: State, parent: HTMLElement) {
   const { model, data } = st;
@@ -28,7 +28,7 @@ export function detail(st: State, parent: HTMLElement) {
   function history(parent: Element, r: number, l: number, m: number) {
     const box = el("div", { className: "opd-mini" }, parent);
     const metric = model.get("metric");
-    el("div", { text: `${metric} [${unitText(data.attrs[metric].units)}] of this matrix over steps` }, box);
+    el("div", { text: `${metricName(metric)} [${unitText(data.attrs[metric].units)}] of this matrix over steps` }, box);
     const f = frame(220, 150);
     const root = svg("svg", { width: f.width, height: f.height }, box);
     const steps = data.runSteps[r];

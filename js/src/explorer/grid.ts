@@ -5,7 +5,7 @@ import { colorScale, fmt } from "../scale";
 import { el } from "../svg";
 import { cellAt, cellCanvas, layerAxis } from "./heatmaps";
 import { legend } from "./legend";
-import { type State, columns, meanAt, metricTitle } from "./state";
+import { type State, columns, meanAt, metricName, metricTitle } from "./state";
 
 const COLUMN_WIDTH = 22;
 const GRID_HEIGHT = 150;
@@ -68,7 +68,7 @@ export function grid(st: State, parent: HTMLElement) {
     listeners = [
       onDom(canvas, "mousemove", (ev) => {
         const [c, l] = cellAt(canvas, ev, nC, nL);
-        canvas.title = `layer ${data.layers[l]} · ${cols[c].name}: ${metric} = ${fmt(values[l * nC + c])}`;
+        canvas.title = `layer ${data.layers[l]} · ${cols[c].name}: ${metricName(metric)} = ${fmt(values[l * nC + c])}`;
       }),
       onDom(canvas, "click", (ev) => {
         if (!nC) return;

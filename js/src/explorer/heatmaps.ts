@@ -5,7 +5,7 @@ import { type Cleanup, all, onDom } from "../listen";
 import { fmt, ordinalTicks, paint, runColor } from "../scale";
 import { el } from "../svg";
 import { legend } from "./legend";
-import { type State, metricTitle } from "./state";
+import { type State, metricName, metricTitle } from "./state";
 
 const HEAT_HEIGHT = 150;
 /** About how many layer and step ticks a heatmap labels (36 layers → every 5th; 300 steps of 10 → every 500). */
@@ -104,7 +104,7 @@ export function heatmaps(st: State, parent: HTMLElement, onHover: () => void) {
           for (const line of [
             `layer ${data.layers[l]} · ${model.get("module") || "mean over modules"}`,
             `step ${data.steps[s]} (progress ${fmt(at(data.progress, r, s))})`,
-            `${model.get("metric")} = ${fmt(grid[l * nS + j])}`,
+            `${metricName(model.get("metric"))} = ${fmt(grid[l * nS + j])}`,
           ])
             el("div", { text: line }, tooltip);
           tooltip.hidden = false;

@@ -10,6 +10,13 @@ export interface Selection {
   step: number;
 }
 
+/** The metric key prefix of a cross-run channel overlap: "channel_overlap:RUN" is Sim_K to RUN's final channel. */
+export const CHANNEL_PREFIX = "channel_overlap:";
+
+/** A metric's short name for axes and tooltips: its key, or "Sim_K to RUN" for a cross-run channel overlap. */
+export const metricName = (metric: string): string =>
+  metric.startsWith(CHANNEL_PREFIX) ? `Sim_K to ${metric.slice(CHANNEL_PREFIX.length)}` : metric;
+
 /** A variable's CF attributes, as the Dataset holds them. */
 export interface Attrs {
   long_name: string;

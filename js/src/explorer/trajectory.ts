@@ -3,7 +3,7 @@
 import { at } from "../codecs";
 import { fmt, linear, runColor, ticks } from "../scale";
 import { axes, bandPath, el, frame, linePath, svg } from "../svg";
-import { type State, unitText } from "./state";
+import { type State, metricName, unitText } from "./state";
 
 /** Mean, min and max over layers (of the chosen module) per step of a run. */
 export function trajectory(grid: Float32Array, nLayers: number, nSteps: number) {
@@ -53,7 +53,7 @@ export function trajectoryPanel(st: State, parent: HTMLElement) {
     if (!(lo <= hi)) [lo, hi] = [0, 1];
     const x = linear(0, 1, f.margin.left, f.width - f.margin.right);
     const y = linear(lo, hi, f.height - f.margin.bottom, f.margin.top);
-    const plot = axes(root, f, x, y, ticks(0, 1), ticks(lo, hi), { x: "progress", y: `${metric} [${unitText(data.attrs[metric].units)}]` }, fmt);
+    const plot = axes(root, f, x, y, ticks(0, 1), ticks(lo, hi), { x: "progress", y: `${metricName(metric)} [${unitText(data.attrs[metric].units)}]` }, fmt);
     curves.forEach((c, r) => {
       const px = c.xs.map(x);
       svg("path", { d: bandPath(px, c.lo.map(y), c.hi.map(y)), fill: runColor(r), "fill-opacity": 0.18 }, plot);
