@@ -116,6 +116,19 @@ def test_compute_then_summary(tmp_path, run):
     assert max(map(len, lines)) <= 120 and "Sim_K 1st = Sim_K to the final channel" in text
 
 
+def test_progress_in_a_log_is_whole_lines(tmp_path, run):
+    """stderr captured (not a terminal): no redraws, a line when the run's checkpoints start and one when they are
+    done, none from the per-step matrix bars."""
+    origin, run_dir = run
+    args = ["compute", str(run_dir), "--origin", str(origin), "--name", "opd", "--store", str(tmp_path / "store")]
+    done = opd_lens(*args)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("opd-lens: warning:")]
+    assert lines[0] == "opd checkpoints: 0/3 ckpt, 0 s, started" and lines[-1].startswith("opd checkpoints: 3/3 ckpt, ")
+    assert lines[-1].endswith(" s, done") and len(lines) <= 2 + 10  # at most one more line per LOG_INTERVAL_S
+
+
 def test_watch_computes_new_checkpoints_and_stops_cleanly(tmp_path):
     from opd_lens.checkpoints import checkpoint_path, open_checkpoint, save_checkpoint
 

@@ -271,3 +271,29 @@ def test_demo_reuses_the_zoo_and_writes_the_report(ci_zoo, tmp_path, capsys):
     changed = [p for p, t in files.items() if p.stat().st_mtime_ns != t]
     assert [p for p in changed if "zoo" in p.relative_to(tmp_path).parts] == []  # ... nothing retrained
     assert [p for p in changed if "c" in p.relative_to(tmp_path).parts] == []  # ... no zarr chunk rewritten
+
+
+def test_generation_uses_the_current_cache_api_and_equals_transformers_generate():
+    """The KV-cached decoding passes one cache by the name this transformers takes: no deprecation warning, and
+    greedy decoding gives exactly ``model.generate``'s tokens."""
+    import warnings
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from opd_lens.zoo.rollout import generate
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    model = Qwen3ForCausalLM(config).eval()
+    prompts = torch.randint(0, 50, (3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy = generate(model, prompts, 6)
+        sampled = generate(model, prompts, 6, torch.Generator().manual_seed(1))
+    assert torch.equal(greedy, model.generate(prompts, max_new_tokens=6, do_sample=False)[:, 5:])
+    assert sampled.shape == (3, 6) and torch.equal(
+        sampled, generate(model, prompts, 6, torch.Generator().manual_seed(1))
+    )

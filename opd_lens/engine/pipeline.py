@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..cache import LockBases, OriginCache, matrix_key
 from ..checkpoints import Checkpoint, MatrixRef
@@ -35,6 +34,7 @@ from ..diagnostics import (
     nonfinite_diagnostics,
 )
 from ..errors import CheckpointError, StepError
+from ..progress import progress_bar
 from ..schema import ANGLES, STEP_SCALARS
 from ..store import Store, write_step
 from .plan import RunPlan, StepTask
@@ -237,7 +237,7 @@ def run_local(
     write = store.step_writer()
     bases = store.lock_bases(plan.name)
     run, grid = store.run_index(plan.name), store.grid()
-    bar = tqdm(total=len(plan.tasks), desc=f"{plan.name} checkpoints", unit="ckpt", disable=not progress)
+    bar = progress_bar(total=len(plan.tasks), desc=f"{plan.name} checkpoints", unit="ckpt", disable=not progress)
     try:
         for group in _groups(plan.tasks, settings):
             matrices = _by_matrix(group)
@@ -254,7 +254,9 @@ def run_local(
                             lambda i=i, c=task.ckpt, ref=ref, f=failed: f.get(i) or _read_update(c, ref),
                         )
                     )
-            inner = tqdm(matrices, desc=f"step {group[0].ckpt.step}", unit="matrix", leave=False, disable=not progress)
+            inner = progress_bar(
+                matrices, desc=f"step {group[0].ckpt.step}", unit="matrix", nested=True, disable=not progress
+            )
             with closing(iter(ReadAhead(jobs))) as reads, SideBySide(dev) as side:
                 for ref, tasks in inner:
                     w0 = next(reads)
@@ -369,6 +371,8 @@ def run_dask(
         for i, task in enumerate(group):
             mine = [parts[matrix_key(ref)] for ref in task.refs]
             writes.append(client.submit(_write_job, store.data_path, bases_dir, run, grid, task, i, mine, pure=False))
-        for task, fut in zip(group, tqdm(writes, desc=plan.name, unit="step", disable=not progress), strict=True):
+        for task, fut in zip(
+            group, progress_bar(writes, desc=plan.name, unit="step", disable=not progress), strict=True
+        ):
             yield task, fut.result()
         tally(sum(n for _, n in client.gather(list(parts.values()))))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers import DynamicCache
 
 from .objectives import token_logprobs
 from .task import exact_match
@@ -14,7 +17,10 @@ __all__ = ["generate", "response_logits", "response_logprobs", "accuracy"]
 def generate(model, prompts: torch.Tensor, n_tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n_tokens`` response tokens per prompt (with a KV cache): sampled at temperature 1.0 from ``generator``,
     greedy if none."""
-    out = model(input_ids=prompts, use_cache=True)
+    # One cache, filled in place by every call, passed by the name this transformers takes (`cache` since 5.x,
+    # `past_key_values` before), so no deprecated argument or output attribute is touched.
+    cache = {_cache_argument(model): DynamicCache()}
+    out = model(input_ids=prompts, use_cache=True, **cache)
     tokens = []
     for i in range(n_tokens):
         logits = out.logits[:, -1].float()
@@ -24,8 +30,12 @@ def generate(model, prompts: torch.Tensor, n_tokens: int, generator: torch.Gener
             token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         tokens.append(token)
         if i + 1 < n_tokens:
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **cache)
     return torch.cat(tokens, 1)
+
+
+def _cache_argument(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def response_logits(model, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ZooError
 from ..files import replacing
+from ..progress import progress_bar
 from .models import bf16_state, build_model, load_model, qwen3_config, save_model
 from .objectives import grpo_advantages, mix_advantages, opd_advantages, ppo_clip_loss, sft_loss
 from .presets import RUNS, Preset, RunSpec
@@ -46,7 +46,9 @@ def pretrain(out: Path, name: str, preset: Preset, seed: int, progress: bool, po
     model = build_model(qwen3_config(size, task.prompt_len + task.answer_len), derived_seed(seed, f"{name}/init"))
     opt = _adamw(model, preset.pretrain_lr, (0.9, 0.95))
     gen = _generator(seed, f"{name}/data")
-    bar = tqdm(range(1, steps + 1), desc=f"pretrain {name}", unit="step", position=position, disable=not progress)
+    bar = progress_bar(
+        range(1, steps + 1), desc=f"pretrain {name}", unit="step", position=position, disable=not progress
+    )
     for step in bar:
         _set_lr(opt, _cosine(step, steps, preset.pretrain_lr, 0.05, preset.pretrain_lr / 10))
         idx = torch.randint(len(task.train_prompts), (preset.pretrain_batch,), generator=gen)
@@ -110,7 +112,9 @@ def train_run(
     step, history = _resume(run_dir, saves, model, opt, gen)
     if variant is not None and step == 0:
         step, history = variant.start, _load_state(out / "runs" / name / f"checkpoint-{variant.start}", model, opt, gen)
-    bar = tqdm(total=total, initial=step, desc=run_dir.name, unit="step", position=position, disable=not progress)
+    bar = progress_bar(
+        total=total, initial=step, desc=run_dir.name, unit="step", position=position, disable=not progress
+    )
     metrics: list[dict[str, float]] = []
     with variant.attach(model, opt) if variant else contextlib.nullcontext():
         while step < total:
