@@ -153,7 +153,7 @@ def test_explorer_in_jupyterlab_syncs_a_click_to_the_kernel(browser, lab, widget
     }  # fmt: skip
     # The HTML-named run shows as text and runs nothing; nothing left localhost.
     assert page.locator(".opd-explorer img").count() == 0
-    assert page.get_by_text(EVIL_NAME).first.is_visible()
+    assert page.locator(".opd-panel figcaption", has_text=EVIL_NAME).first.is_visible()  # a caption, not an <option>
     assert guard.dialogs == [] and guard.blocked == []
     page.close()
 

@@ -56,6 +56,7 @@ VARIABLES = {
     "angles_u",
     "angles_v",
     "spectral_shift",
+    "intruder_dimensions",
     "channel_energy",
     "update_spectrum",
 }
@@ -632,6 +633,7 @@ def test_summarize_one_row_per_run(computed, runs, diagnostics):
         "max_angle_u_deg",
         "max_angle_v_deg",
         "spectral_shift",
+        "intruders",
         "stable_rank",
         "update_fro",
         "lock_alignment_first",
@@ -660,6 +662,7 @@ def test_summarize_one_row_per_run(computed, runs, diagnostics):
             ("max_angle_u_deg", "max_angle_u", 1),
             ("max_angle_v_deg", "max_angle_v", 1),
             ("spectral_shift", "spectral_shift", 1),
+            ("intruders", "intruder_dimensions", 1),
         ):
             expected = factor * np.mean([getattr(d, var) for d in diags.values()])
             assert row[col] == pytest.approx(expected, rel=1e-5), col
