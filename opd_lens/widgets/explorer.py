@@ -57,7 +57,7 @@ class Explorer(anywidget.AnyWidget):
         store = None if isinstance(source, xr.Dataset) else source
         store = open_store(store, create=False) if store is not None and not isinstance(store, Store) else store
         ds = source if store is None else store.dataset()
-        size = ds.sizes["run"] ** 2 * ds.stable_rank.size // ds.sizes["run"] * 4
+        size = ds.sizes["run"] * ds.stable_rank.size * 4  # runs² float32 (run, step, layer, module) cubes
         overlap = channels if isinstance(channels, xr.DataArray) else None
         if channels is True and store is not None and size <= CHANNEL_BUDGET:
             overlap = final_channel_overlap(store)
