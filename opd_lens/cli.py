@@ -16,6 +16,7 @@ from ._version import __version__
 from .api import Store, open_store
 from .checkpoints import MatrixPlan, find_checkpoints, matched_matrices, open_checkpoint
 from .checkpoints.formats import PICKLE_ENV
+from .demo import DEMO_DIR, copy_notebooks, run_demo
 from .diagnostics import Settings, subspace_k
 from .errors import OpdLensError, StoreError
 from .summary import Summary, summarize
@@ -52,8 +53,14 @@ def _preset_names() -> tuple[str, ...]:
     """The keys of :data:`opd_lens.zoo.PRESETS`, read from its source: importing the zoo needs transformers, which
     the other commands (and ``--help``) do not."""
     tree = ast.parse((Path(__file__).parent / "zoo" / "presets.py").read_text(encoding="utf-8"))
-    presets = next(n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets) == "PRESETS")
-    return tuple(ast.literal_eval(key) for key in presets.keys)
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Dict)
+            and ast.unparse(node.targets[0]) == "PRESETS"
+        ):
+            return tuple(ast.literal_eval(key) for key in node.value.keys if key is not None)
+    raise RuntimeError("opd_lens/zoo/presets.py defines no PRESETS dict")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,13 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train the demo zoo (or reuse it), compute its store, write report.html, print the table"
     )
-    demo.add_argument(
-        "--out", type=Path, default=Path("opd-lens-demo"), help="working directory (default: %(default)s)"
-    )
+    demo.add_argument("--out", type=Path, default=Path(DEMO_DIR), help="working directory (default: %(default)s)")
     demo.add_argument("--preset", default="classroom", choices=_preset_names(), help=_PRESETS)
     demo.add_argument("--workers", type=int, default=2, help="runs trained at once (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    books = sub.add_parser("notebooks", help="copy the classroom notebooks into a folder, to open in Jupyter")
+    books.add_argument(
+        "dir", type=Path, nargs="?", default=Path("demo_notebooks"), help="destination (default: %(default)s)"
+    )
+    books.add_argument("--force", action="store_true", help="overwrite notebooks you have edited")
+    books.set_defaults(func=_notebooks)
 
     retrain = sub.add_parser(
         "retrain", help="retrain a demo-zoo run from ~20%% of its training, confined to its early rank-K channel"
@@ -272,12 +284,12 @@ def _inspect(args: argparse.Namespace) -> None:
             refs = (
                 matched_matrices(origin, c, args.include_globals) if origin else c.plan(args.include_globals).matrices
             )
-            stored = [r.tensor for r in refs]
+            count, stored = len(refs), [r.tensor for r in refs]
         else:  # the factors' dtypes; without the base, the adapted modules
-            refs = matched_matrices(origin, c, args.include_globals) if origin else c.adapter.pairs
+            count = len(matched_matrices(origin, c, args.include_globals) if origin else c.adapter.pairs)
             stored = [name for p in c.adapter.pairs.values() for name in (p.a, p.b)]
         dtypes = ",".join(sorted({c.tensors[name].dtype for name in stored}))
-        print(f"  {c.step:>8}  {len(refs):>8}  {dtypes:<10} {c.path}")
+        print(f"  {c.step:>8}  {count:>8}  {dtypes:<10} {c.path}")
     last = ckpts[-1]
     if last.adapter is not None:
         ranks = "/".join(str(r) for r in sorted({p.rank for p in last.adapter.pairs.values()}))
@@ -301,9 +313,13 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     _need_zoo()
-    from .demo import run_demo
-
     run_demo(args.out, args.preset, progress=not args.quiet, workers=args.workers)
+
+
+def _notebooks(args: argparse.Namespace) -> None:
+    written = copy_notebooks(args.dir, force=args.force)
+    print(f"{args.dir}: {len(written)} notebook(s) copied" + ("" if written else " (all up to date)"))
+    print(f"next: jupyter lab {args.dir}  (they read the demo from ../{DEMO_DIR}, or from $OPD_LENS_DEMO)")
 
 
 def _retrain(args: argparse.Namespace) -> None:

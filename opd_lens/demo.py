@@ -3,15 +3,22 @@ offline report and print the paper-style table."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from .api import Store, open_store
 from .diagnostics import Settings
+from .errors import OpdLensError
+from .files import replacing
 from .summary import Summary
 
-__all__ = ["ZOO_SETTINGS", "compute_zoo", "run_demo"]
+__all__ = ["ZOO_SETTINGS", "compute_zoo", "copy_notebooks", "run_demo"]
+
+DEMO_DIR = "opd-lens-demo"
+"""The folder ``opd-lens demo`` works in by default, and the notebooks' default ``DEMO`` (``../opd-lens-demo``: the
+notebooks' folder beside it)."""
 
 ZOO_SETTINGS = Settings(angle_k=16, mask_rank=8)
 """Sized for the zoo's tiny model (hidden 64): the paper's k = 512 and r = 64 of 4096 would span whole matrices."""
@@ -44,5 +51,40 @@ def run_demo(out: Path, preset: str = "classroom", *, progress: bool = True, wor
     report = store_report(store, out / "report.html", title=f"opd_lens demo zoo ({preset})")
     print(summary.text())
     print(f"store: {store.path}\nreport: {report} ({report.stat().st_size / 2**20:.1f} MiB, opens offline)")
-    print("notebooks: jupyter lab demo_notebooks/  (start with 01_quickstart.ipynb)")
+    notebooks = out.parent / "demo_notebooks"
+    env = "" if out.name == DEMO_DIR else f"OPD_LENS_DEMO={out.resolve()} "
+    print(f"notebooks: opd-lens notebooks {notebooks} && {env}jupyter lab {notebooks}  (start with 01_quickstart)")
     return summary.table
+
+
+def _notebook_sources() -> list[Path]:
+    """The classroom notebooks: in a wheel at ``opd_lens/demo_notebooks``, in a checkout at ``demo_notebooks/``."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "demo_notebooks", package.parent / "demo_notebooks"):
+        if found := sorted(folder.glob("[0-9][0-9]_*.ipynb")):
+            return found
+    raise OpdLensError(f"the classroom notebooks are not installed with opd_lens ({package}): reinstall opd-lens")
+
+
+def copy_notebooks(dest: str | Path, *, force: bool = False) -> list[Path]:
+    """Copy the classroom notebooks into ``dest`` (created if missing) and return the paths written. A notebook
+    already there with other content (your edits) stops the copy before anything is written, unless ``force``."""
+    dest = Path(dest)
+    sources = _notebook_sources()
+    edited = [
+        dest / s.name for s in sources if (dest / s.name).is_file() and (dest / s.name).read_bytes() != s.read_bytes()
+    ]
+    if edited and not force:
+        names = ", ".join(str(p) for p in edited)
+        raise OpdLensError(f"{names}: differs from the shipped notebook (kept; pass --force to overwrite)")
+    if dest.exists() and not dest.is_dir():
+        raise OpdLensError(f"{dest}: not a directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in sources:
+        target = dest / source.name
+        if not target.is_file() or target.read_bytes() != source.read_bytes():
+            with replacing(target) as tmp:
+                shutil.copyfile(source, tmp)
+            written.append(target)
+    return written

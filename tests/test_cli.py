@@ -192,3 +192,32 @@ def test_preset_choices_are_the_zoos_presets():
     assert _preset_names() == tuple(PRESETS)
     bad = opd_lens("zoo", "--out", "z", "--preset", "nope")
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr and all(p in bad.stderr for p in PRESETS)
+
+
+def test_notebooks_are_copied_out_and_edits_are_kept(tmp_path):
+    shipped = sorted((Path(__file__).parents[1] / "demo_notebooks").glob("*.ipynb"))
+    dest = tmp_path / "books"
+    res = opd_lens("notebooks", str(dest))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{dest}: {len(shipped)} notebook(s) copied\n")
+    assert [p.read_bytes() for p in sorted(dest.glob("*.ipynb"))] == [p.read_bytes() for p in shipped]
+    assert "(all up to date)" in opd_lens("notebooks", str(dest)).stdout
+
+    edited = dest / shipped[1].name
+    edited.write_text("my edits", encoding="utf-8")
+    (dest / shipped[0].name).unlink()
+    res = opd_lens("notebooks", str(dest))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert str(edited) in res.stderr and "--force" in res.stderr
+    assert edited.read_text(encoding="utf-8") == "my edits" and not (dest / shipped[0].name).exists()  # nothing written
+
+    res = opd_lens("notebooks", str(dest), "--force")
+    assert res.returncode == 0 and f"{dest}: 2 notebook(s) copied" in res.stdout
+    assert edited.read_bytes() == shipped[1].read_bytes()
+    assert sorted(p.name for p in dest.iterdir()) == [p.name for p in shipped]  # no temporaries left
+
+
+def test_notebooks_into_a_file_is_an_error(tmp_path):
+    (tmp_path / "taken").write_text("", encoding="utf-8")
+    res = opd_lens("notebooks", str(tmp_path / "taken"))
+    assert res.returncode == 2 and res.stderr == f"opd-lens: error: {tmp_path / 'taken'}: not a directory\n"
