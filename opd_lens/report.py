@@ -85,7 +85,7 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
             )
     page = _PAGE.format(
         title=html.escape(title),
-        scripts=_runtime() if widgets else "",
+        scripts="\n".join(offline_runtime()) if widgets else "",
         state=_script_json(data["manager_state"] if data else {}),
         body="\n".join(body),
     )
@@ -126,18 +126,26 @@ def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_len
     return export_html(items, path, title=title)
 
 
-def _runtime() -> str:
-    """The three scripts that replace the CDN: RequireJS, anywidget (named AMD module), the widget manager."""
+def widget_runtime() -> dict[str, str]:
+    """The scripts that replace the CDN, by file name in load order: RequireJS, anywidget's front end (as a named
+    AMD module) and the standalone widget manager (the docs serve them as files)."""
     missing = [p for p in (_VENDOR / "require.js", _VENDOR / "embed-amd.js", _ANYWIDGET) if not p.is_file()]
     if missing:
         raise OpdLensError(f"{missing[0]}: missing; rebuild the JS bundle (`npm --prefix js run build`)")
     anywidget_js = _ANYWIDGET.read_text(encoding="utf-8")
     if _ANONYMOUS not in anywidget_js:
         raise OpdLensError(f"{_ANYWIDGET}: unexpected anywidget front end (no AMD define); cannot inline it")
-    anywidget_js = anywidget_js.replace(_ANONYMOUS, 'define("anywidget", ["@jupyter-widgets/base"]')
-    sources = [(_VENDOR / "require.js").read_text(encoding="utf-8"), anywidget_js]
-    sources.append((_VENDOR / "embed-amd.js").read_text(encoding="utf-8"))
-    return "\n".join(f"<script>{_script_text(s)}</script>" for s in sources)
+    return {
+        "require.js": (_VENDOR / "require.js").read_text(encoding="utf-8"),
+        "anywidget.js": anywidget_js.replace(_ANONYMOUS, 'define("anywidget", ["@jupyter-widgets/base"]'),
+        "embed-amd.js": (_VENDOR / "embed-amd.js").read_text(encoding="utf-8"),
+    }
+
+
+def offline_runtime() -> tuple[str, str]:
+    """:func:`widget_runtime` as inline ``<script>`` elements: RequireJS; and what widgets need on top of it."""
+    require, *widgets = (_script(s) for s in widget_runtime().values())
+    return require, "\n".join(widgets)
 
 
 def _script_json(value) -> str:
@@ -145,7 +153,8 @@ def _script_json(value) -> str:
     return json.dumps(value).replace("</", "<\\/")
 
 
-def _script_text(source: str) -> str:
+def _script(source: str) -> str:
+    """``source`` as an inline <script> element."""
     if "</script" in source.lower():
         raise OpdLensError("an inlined script contains '</script'; it cannot be embedded safely")
-    return source
+    return f"<script>{source}</script>"

@@ -118,6 +118,7 @@ def test_explorer_of_a_store_offers_channels_across_runs(widget_store, ds):
     ex = Explorer(widget_store, metric="channel_overlap:sft")
     names = [f"channel_overlap:{r}" for r in ("sft", EVIL_NAME)]
     assert [m for m in ex._data["metrics"] if m.startswith("channel_overlap:")] == names
+    assert ex._data["order"] == list(ex._data["metrics"])  # the picker's order, kept apart from the keys'
     assert ex._data["attrs"]["channel_overlap:sft"] == {"long_name": "Sim_K to sft's final channel", "units": "1"}
     assert "K/n = chance" in ex._data["labels"]["channel_overlap:sft"]
     cube = np.frombuffer(ex._data["metrics"]["channel_overlap:sft"]["view"], np.float32).reshape(ds.stable_rank.shape)

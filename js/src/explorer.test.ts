@@ -24,6 +24,7 @@ function payload(): Payload {
       principal_overlap: wire(Array(n).fill(0.25), [2, 3, 2, 2]),
       lowmag_overlap: wire(Array(n).fill(0.75), [2, 3, 2, 2]),
     },
+    order: ["stable_rank", "principal_overlap", "lowmag_overlap"],
     labels: { stable_rank: "stable rank", principal_overlap: "p", lowmag_overlap: "l" },
     attrs: {
       stable_rank: { long_name: "stable rank of ΔW", units: "1" },
@@ -55,6 +56,11 @@ function mount(state: Partial<Model> = {}) {
 
 describe("data helpers", () => {
   const d = decodePayload(payload());
+  it("keeps the metrics in the payload's order, not its keys' (a saved notebook sorts them)", () => {
+    const p = payload();
+    p.metrics = Object.fromEntries(Object.entries(p.metrics).sort(([a], [b]) => a.localeCompare(b)));
+    expect(Object.keys(decodePayload(p).metrics)).toEqual(["stable_rank", "principal_overlap", "lowmag_overlap"]);
+  });
   it("finds each run's steps from progress", () => {
     expect(d.runSteps).toEqual([[0, 1, 2], [1, 2]]);
   });

@@ -21,7 +21,7 @@ def wire(a: np.ndarray) -> dict:
     """A C-contiguous float32 or int32 array as anywidget sends it: ``{view, dtype, shape}`` (binary, not JSON)."""
     a = np.asarray(a)
     a = np.ascontiguousarray(a, dtype=np.int32 if np.issubdtype(a.dtype, np.integer) else np.float32)
-    return {"view": memoryview(a).cast("B"), "dtype": str(a.dtype), "shape": list(a.shape)}
+    return {"view": a.data.cast("B"), "dtype": str(a.dtype), "shape": list(a.shape)}
 
 
 def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None, channels: xr.DataArray | None = None) -> dict:
@@ -42,7 +42,8 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None, channels:
         "modules": [str(m) for m in ds.module.values],
         **_module_types(ds),
         "progress": wire(ds.progress.values),
-        "metrics": {m: wire(ds[m].values) for m in metrics} | _cubes(channels, lambda c: wire(c.values)),
+        "metrics": (cubes := {m: wire(ds[m].values) for m in metrics} | _cubes(channels, lambda c: wire(c.values))),
+        "order": list(cubes),  # the picker's order: a saved notebook's widget state has its keys sorted
         "labels": {m: VARIABLES[m].description for m in metrics} | _cubes(channels, _channel_label),
         "attrs": {m: _title_attrs(ds[m]) for m in metrics} | _cubes(channels, _channel_attrs),
         "angles": _angles(ds),

@@ -44,6 +44,8 @@ export interface Payload {
   types: string[];
   progress: Wire;
   metrics: Record<string, Wire>;
+  /** The metrics in picker order (JSON objects do not keep theirs: nbformat saves widget state with sorted keys). */
+  order: string[];
   labels: Record<string, string>;
   attrs: Record<string, Attrs>;
   angles: { u: Wire; v: Wire; steps: number[] } | null;
@@ -89,7 +91,7 @@ export function decodePayload(p: Payload): Data {
   const progress = decode(p.progress);
   const runSteps = p.runs.map((_, r) => p.steps.map((_, s) => s).filter((s) => Number.isFinite(at(progress, r, s))));
   const metrics: Record<string, NDArray> = {};
-  for (const [k, w] of Object.entries(p.metrics)) metrics[k] = decode(w);
+  for (const k of p.order) metrics[k] = decode(p.metrics[k]);
   const angles = p.angles ? { u: decode(p.angles.u), v: decode(p.angles.v), steps: p.angles.steps } : null;
   const spectrum = p.spectrum ? { s: decode(p.spectrum.s), steps: p.spectrum.steps } : null;
   const allModules = p.modules.map((_, m) => m);
