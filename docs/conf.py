@@ -14,7 +14,7 @@ DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS / "_ext"))
 
 import opd_lens  # noqa: E402
-from opd_lens.report import widget_runtime  # noqa: E402
+from opd_lens.offline import widget_runtime  # noqa: E402
 
 project = "opd_lens"
 author = "the opd_lens developers"

@@ -2,14 +2,17 @@
 
 Read checkpoint series (:mod:`opd_lens.checkpoints`) and compute per-matrix diagnostics of the update
 (:mod:`opd_lens.diagnostics`) for on-policy distillation, SFT and RLVR runs.
+
+Everything but the version and the exceptions loads on first use, so ``import opd_lens`` is cheap (no torch): the
+nbconvert exporter that every ``jupyter nbconvert`` loads, for one, needs none of it.
 """
 
-from . import checkpoints, diagnostics
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .api import Store, compute, open_store
-from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
-from .diagnostics import Settings
-from .engine import ComputeReport
 from .errors import (
     ChartError,
     CheckpointError,
@@ -26,7 +29,15 @@ from .errors import (
     UnsupportedTensorError,
     ZooError,
 )
-from .summary import summarize
+
+if TYPE_CHECKING:
+    from . import charts, checkpoints, diagnostics, testing
+    from .api import Store, compute, open_store
+    from .checkpoints import Checkpoint, find_checkpoints, open_checkpoint
+    from .diagnostics import Settings
+    from .engine import ComputeReport
+    from .summary import summarize
+    from .widgets import Explorer, LockMonitor
 
 __all__ = [
     "ChartError",
@@ -61,16 +72,33 @@ __all__ = [
     "testing",
 ]
 
+_LAZY = {
+    "Store": "api",
+    "compute": "api",
+    "open_store": "api",
+    "Checkpoint": "checkpoints",
+    "find_checkpoints": "checkpoints",
+    "open_checkpoint": "checkpoints",
+    "Settings": "diagnostics",
+    "ComputeReport": "engine",
+    "summarize": "summary",
+    "Explorer": "widgets",
+    "LockMonitor": "widgets",
+}
+"""Exported name -> the module (of this package) it comes from."""
+_SUBMODULES = ("charts", "checkpoints", "diagnostics", "testing")
+
 
 def __getattr__(name: str):
-    """The views, the charts and the testing helpers load on first use, so computing needs
-    neither the widget stack nor the JS bundle."""
-    if name in ("Explorer", "LockMonitor"):
-        from . import widgets
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
 
-        return getattr(widgets, name)
-    if name in ("charts", "testing"):
-        import importlib
 
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,7 +12,7 @@ from jinja2 import DictLoader
 from nbconvert.exporters import HTMLExporter
 from traitlets import Unicode, default
 
-from .report import offline_runtime
+from .offline import offline_runtime
 
 __all__ = ["OfflineHTMLExporter"]
 

@@ -1,9 +1,8 @@
 """Self-contained offline HTML: widgets (with their state and data) and charts in ONE file that needs no network.
 
-The page inlines RequireJS, anywidget's front end (as a named AMD module) and the standalone widget manager
-(``@jupyter-widgets/html-manager``'s ``embed-amd.js``) instead of loading them from a CDN, so it renders from
-``file://`` with every network request blocked. Widgets stay interactive (their views run in the page); only what
-needs a kernel, such as Python seeing a new selection, is gone.
+The page inlines the widget runtime of :mod:`opd_lens.offline` (RequireJS, anywidget, the widget manager) instead
+of loading it from a CDN, so it renders from ``file://`` with every network request blocked. Widgets stay
+interactive (their views run in the page); only what needs a kernel, such as Python seeing a new selection, is gone.
 """
 
 from __future__ import annotations
@@ -14,21 +13,17 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import anywidget
 import ipywidgets
 import pandas as pd
 from ipywidgets.embed import dependency_state, embed_data
 
-from .errors import OpdLensError
 from .files import replacing
+from .offline import offline_runtime
 from .store import Store
 from .summary import Summary
 
 __all__ = ["export_html", "store_report"]
 
-_VENDOR = Path(__file__).resolve().parent / "static" / "vendor"
-_ANYWIDGET = Path(anywidget.__file__).resolve().parent / "nbextension" / "index.js"
-_ANONYMOUS = 'define(["@jupyter-widgets/base"]'
 _VIEW = "application/vnd.jupyter.widget-view+json"
 
 _PAGE = """<!DOCTYPE html>
@@ -126,35 +121,6 @@ def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_len
     return export_html(items, path, title=title)
 
 
-def widget_runtime() -> dict[str, str]:
-    """The scripts that replace the CDN, by file name in load order: RequireJS, anywidget's front end (as a named
-    AMD module) and the standalone widget manager (the docs serve them as files)."""
-    missing = [p for p in (_VENDOR / "require.js", _VENDOR / "embed-amd.js", _ANYWIDGET) if not p.is_file()]
-    if missing:
-        raise OpdLensError(f"{missing[0]}: missing; rebuild the JS bundle (`npm --prefix js run build`)")
-    anywidget_js = _ANYWIDGET.read_text(encoding="utf-8")
-    if _ANONYMOUS not in anywidget_js:
-        raise OpdLensError(f"{_ANYWIDGET}: unexpected anywidget front end (no AMD define); cannot inline it")
-    return {
-        "require.js": (_VENDOR / "require.js").read_text(encoding="utf-8"),
-        "anywidget.js": anywidget_js.replace(_ANONYMOUS, 'define("anywidget", ["@jupyter-widgets/base"]'),
-        "embed-amd.js": (_VENDOR / "embed-amd.js").read_text(encoding="utf-8"),
-    }
-
-
-def offline_runtime() -> tuple[str, str]:
-    """:func:`widget_runtime` as inline ``<script>`` elements: RequireJS; and what widgets need on top of it."""
-    require, *widgets = (_script(s) for s in widget_runtime().values())
-    return require, "\n".join(widgets)
-
-
 def _script_json(value) -> str:
     """JSON safe inside a <script> element."""
     return json.dumps(value).replace("</", "<\\/")
-
-
-def _script(source: str) -> str:
-    """``source`` as an inline <script> element."""
-    if "</script" in source.lower():
-        raise OpdLensError("an inlined script contains '</script'; it cannot be embedded safely")
-    return f"<script>{source}</script>"

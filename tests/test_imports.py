@@ -4,6 +4,8 @@ library depends neither on the demo zoo nor (its locking) on the widgets."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import opd_lens
@@ -128,3 +130,12 @@ def test_the_library_does_not_depend_on_the_demo_zoo():
 
 def test_locking_does_not_depend_on_the_widgets():
     assert dependents(import_graph(), ("locking",), "opd_lens.widgets") == {}
+
+
+def test_importing_the_package_or_its_nbconvert_exporter_loads_no_torch():
+    """Every ``jupyter nbconvert`` loads the registered exporters: ours must not pull torch, pandas or the widgets."""
+    heavy = ("torch", "pandas", "xarray", "anywidget", "opd_lens.api")
+    script = f"import sys, opd_lens, opd_lens.nbconvert; print([m for m in {heavy!r} if m in sys.modules])"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+    assert opd_lens.Store.__module__ == "opd_lens.api" and opd_lens.checkpoints.__name__ == "opd_lens.checkpoints"
