@@ -33,7 +33,13 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"opd_lens {release}"
-html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2, "header_links_before_dropdown": 3}
+html_theme_options = {
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "header_links_before_dropdown": 3,
+    # The notebooks get the whole width: the Explorer lays its heatmaps side by side as in JupyterLab.
+    "secondary_sidebar_items": {p: ["page-toc"] for p in ("*", "guide/*", "howto/*", "api/*")} | {"notebooks/*": []},
+}
 # Only the API reference has pages below a page; elsewhere the navigation bar is all there is, and the page is wider.
 html_sidebars = {pattern: [] for pattern in ("*", "guide/*", "howto/*", "notebooks/*")}
 html_static_path = ["_static", "_generated"]

@@ -88,6 +88,7 @@ class OriginCache:
             return None
         of = origin_factors(w0, self.settings)
         f = of.factors
+        assert f is not None  # origin_factors factorizes W_0
         atomic_save(
             file,
             {
@@ -170,7 +171,7 @@ class LockBases:
         def flush(batch: list[tuple[int, str, torch.Tensor]]) -> None:
             sims = sim_k(torch.stack([b for *_, b in batch]), torch.stack([anchor[k] for _, k, _ in batch]))
             for (i, k, _), sim in zip(batch, sims.tolist(), strict=True):
-                grid[(i, *where[k])] = sim
+                grid[(i,) + where[k]] = sim  # not [(i, *where[k])]: mypy takes it for 3.11-only syntax
             batch.clear()
 
         for i, step in enumerate(steps):

@@ -101,7 +101,9 @@ def trajectory(
     spread = "min–max (band)" if bands else f"min–max in the tooltip (bands drawn for ≤ {MAX_BANDS} runs)"
     subtitle = f"mean over matrices (line), {spread}{'; ' + where if where else ''}"
     layers = [base.mark_area(opacity=0.2).encode(y="min:Q", y2="max:Q"), line] if bands else [line]
-    return alt.layer(*layers).properties(title=alt.Title(f"{metric} over training", subtitle=subtitle))
+    # alt.LayerChart itself, as alt.layer makes it: alt.layer is typed to return a FacetChart too (for layers that
+    # share a facet encoding, which altair 6 hoists), and no chart here has one
+    return alt.LayerChart(layer=layers).properties(title=alt.Title(f"{metric} over training", subtitle=subtitle))
 
 
 def regimes(ds: xr.Dataset) -> alt.VConcatChart:
@@ -178,7 +180,7 @@ def overlaps(ds: xr.Dataset, *, step: int | str = "last") -> alt.LayerChart:
     )
     when = "each run's last step" if step == "last" else f"step {step}"
     title = alt.Title("Update localization", subtitle=f"mean over matrices at {when}")
-    return alt.layer(bars, rule).properties(title=title, width=_WIDTH)
+    return alt.LayerChart(layer=[bars, rule]).properties(title=title, width=_WIDTH)
 
 
 def angle_profiles(ds: xr.Dataset, run: str, layer: int, module: str, step: int | None = None) -> alt.LayerChart:
@@ -274,7 +276,7 @@ def channel_overlap(over: xr.DataArray, *, other_step: int | None = None) -> alt
             f"dashed: chance K/n for two random subspaces of the input width n: {levels}",
         ],
     )
-    return alt.layer(rule, line).properties(width=_WIDTH, title=title)
+    return alt.LayerChart(layer=[rule, line]).properties(width=_WIDTH, title=title)
 
 
 def enable_offline() -> None:
@@ -286,7 +288,7 @@ def enable_offline() -> None:
 
 def _dashed_lines(base: alt.Chart, dash: alt.StrokeDash) -> alt.LayerChart:
     """Lines dashed by ``dash`` with their points; separate layers so the dash legend shows strokes."""
-    return alt.layer(base.mark_line().encode(strokeDash=dash), base.mark_point(filled=True))
+    return alt.LayerChart(layer=[base.mark_line().encode(strokeDash=dash), base.mark_point(filled=True)])
 
 
 def _color(colors: xr.Dataset | dict[str, str], shown: Iterable) -> alt.Color:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 
 from tqdm.auto import tqdm
 from tqdm.autonotebook import tqdm as notebook_tqdm
@@ -49,12 +49,14 @@ class LogLines:
 
     def __init__(self, iterable: Iterable | None, *, desc: str, unit: str, total: int | None, initial: int = 0):
         self.iterable, self.desc, self.unit = iterable, desc, unit
-        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.total = len(iterable) if total is None and isinstance(iterable, Sized) else total
         self.n, self.postfix, self.closed = initial, "", False
         self.start = self.last = time.monotonic()
         self._line("started")
 
     def __iter__(self) -> Iterator:
+        if self.iterable is None:
+            raise TypeError("a LogLines without an iterable is advanced by update(), not iterated")
         for item in self.iterable:
             yield item
             self.update()

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
 _RUN_KEYS = ("run_dir", "origin", "method", "include_globals")
+_T = TypeVar("_T")
 
 
 def open_store(path: str | os.PathLike, settings: Settings | None = None, *, create: bool = True) -> Store:
@@ -119,8 +121,8 @@ class Store:
             raise StoreError(
                 f"{self.path}: written by a newer opd_lens (schema {version}, this is {SCHEMA_VERSION}); upgrade"
             )
-        self.settings = Settings(**attrs["settings"])
-        home = attrs.get("home")
+        self.settings = Settings(**self._attr(attrs, "settings", dict))
+        home = self._attr(attrs, "home", str) if "home" in attrs else None
         self._moved_from = os.path.dirname(home) if home and home != self._home else None
         """The folder that held the store when its paths were recorded, if the store has moved since."""
 
@@ -135,9 +137,9 @@ class Store:
         checkpoints. Paths are absolute; when the store has moved with the folder that holds it (``runs/`` beside
         ``store/`` in a project or demo folder), the paths that lay in that folder follow it."""
         runs = self._registry()
-        if self._moved_from is None:
+        if (moved_from := self._moved_from) is None:
             return runs
-        return {name: self._followed(run) for name, run in runs.items()}
+        return {name: self._followed(run, moved_from) for name, run in runs.items()}
 
     def relocate(self, old: str | os.PathLike, new: str | os.PathLike) -> int:
         """Point every recorded path below ``old`` at the same place below ``new`` (runs or origins that moved);
@@ -166,17 +168,16 @@ class Store:
 
     def _registry(self) -> dict[str, dict]:
         """The run registry as stored."""
-        if (held := self._held.get("runs")) is not None:
+        if isinstance(held := self._held.get("runs"), str):
             return json.loads(held)
-        runs = dict(zarr.open_group(self.data_path, mode="r").attrs["runs"])
+        runs = dict(self._attr(zarr.open_group(self.data_path, mode="r").attrs, "runs", dict))
         if self._locked:
             self._held["runs"] = json.dumps(runs)
         return runs
 
-    def _followed(self, run: dict) -> dict:
-        """``run`` with the paths that lay in the folder the store was in moved to the folder it is in now, unless
-        its directory is still where it was recorded (the store alone was copied)."""
-        old = self._moved_from
+    def _followed(self, run: dict, old: str) -> dict:
+        """``run`` with the paths that lay in ``old``, the folder the store was in, moved to the folder it is in now,
+        unless its directory is still where it was recorded (the store alone was copied)."""
         if not _below(run["run_dir"], old) or os.path.exists(run["run_dir"]):
             return run
         return _rebased(run, old, os.path.dirname(self._home))
@@ -195,7 +196,7 @@ class Store:
         with self.writer():
             slots = self._ensure_arrays(name, shapes)
             r, layers, modules = slots["run"][name], slots["layer"], slots["module"]
-            numel = self._group["numel"]
+            numel = self._array("numel")
             block = np.zeros(numel.shape[1:], dtype=np.int64)
             for (layer, module), shape in shapes.items():
                 block[layers[layer], modules[module]] = shape[0] * shape[1]
@@ -218,7 +219,7 @@ class Store:
         runs = self.runs
         if not runs or "complete" not in self._group:
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
-        if not (self._group["complete"][:] == 1).any():
+        if not (self._read("complete") == 1).any():
             raise StoreError(f"{self.path}: no step has been computed yet (run compute)")
         ds = self._open_raw(lazy)
         ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
@@ -327,7 +328,7 @@ class Store:
     def grid(self) -> tuple[dict[int, int], dict[str, int], int, int]:
         """Index of each layer and module value, and the sizes of ``angle_index`` and ``rank_index``."""
         layers, modules = self._coord_index("layer"), self._coord_index("module")
-        return layers, modules, self._group["angle_index"].shape[0], self._group["rank_index"].shape[0]
+        return layers, modules, self._array("angle_index").shape[0], self._array("rank_index").shape[0]
 
     def recorded(self, name: str) -> dict[int, dict]:
         """Step -> registry entry (``path``, ``fingerprint``, ``endpoint``, ``lock_ref``) of every checkpoint of run
@@ -340,10 +341,10 @@ class Store:
 
     def _complete_registry(self, name: str, entries: dict[int, dict]) -> dict[int, dict]:
         r = self.run_index(name)
-        steps = self._group["step"][:]
-        done = self._group["complete"][r, :] == 1
-        angles = ~np.isnan(self._group["max_angle_v"][r]).all(axis=(-2, -1))
-        lock = self._group["lock_ref"][r, :]
+        steps = self._read("step")
+        done = self._read("complete", (r, slice(None))) == 1
+        angles = ~np.isnan(self._read("max_angle_v", r)).all(axis=(-2, -1))
+        lock = self._read("lock_ref", (r, slice(None)))
         slots = {int(s): i for i, s in enumerate(steps) if s >= 0}
         kept = {}
         for step, e in entries.items():
@@ -355,15 +356,14 @@ class Store:
 
     def used_slots(self) -> set[int]:
         """The slots along ``step`` that have been given a step (and may hold values)."""
-        return {int(i) for i in np.flatnonzero(self._group["step"][:] >= 0)}
+        return {int(i) for i in np.flatnonzero(self._read("step") >= 0)}
 
     def step_slots(self, steps: Iterable[int]) -> dict[int, int]:
         """The slot of each step along the step dimension, allocating slots (in blocks) for new ones; one read (per
         writer session) and at most one write of the step coordinate."""
         steps = list(steps)
-        coord = self._held.get("step")
-        if coord is None:
-            coord = self._group["step"][:]
+        held = self._held.get("step")
+        coord = held if isinstance(held, np.ndarray) else self._read("step")
         index = {int(s): i for i, s in enumerate(coord) if s >= 0}
         new = [s for s in dict.fromkeys(steps) if s not in index]
         if new:
@@ -378,7 +378,7 @@ class Store:
             for s in new:
                 coord[index[s]] = s
             lo, hi = min(index[s] for s in new), max(index[s] for s in new) + 1
-            self._group["step"][lo:hi] = coord[lo:hi]
+            self._array("step")[lo:hi] = coord[lo:hi]
         if self._locked:
             self._held["step"] = coord
         return {s: index[s] for s in steps}
@@ -402,7 +402,7 @@ class Store:
 
     # --- writing (callers hold the writer lock) -----------------------------------------------------------------
 
-    def record(self, name: str, entries: Mapping[int, Mapping]) -> None:
+    def record(self, name: str, entries: Mapping[int, Mapping | None]) -> None:
         """Record computed checkpoints of run ``name`` in the registry: step -> its entry (``path``,
         ``fingerprint``, ``endpoint``, ``lock_ref``), replacing what was recorded; an entry ``None`` unrecords the
         step (before it is rewritten, so that a compute killed mid-write recomputes it). One write for all."""
@@ -430,13 +430,13 @@ class Store:
         slots = self.step_slots(values)
         lo, hi = min(slots.values()), max(slots.values()) + 1
         covered = len(slots) == hi - lo  # every slot of the range is written: nothing needs reading back first
-        refs, locks = self._group["lock_ref"], self._group["lock_alignment"]
-        ref = np.empty(hi - lo, refs.dtype) if covered else refs[r, lo:hi]
+        refs, locks = self._array("lock_ref"), self._array("lock_alignment")
+        ref = np.empty(hi - lo, refs.dtype) if covered else np.asarray(refs[r, lo:hi])
         for step, v in values.items():
             ref[slots[step] - lo] = -1 if v is None else ref_step
         if any(v is not None for v in values.values()):
             whole = covered and all(v is not None for v in values.values())
-            lock = np.empty((hi - lo, *locks.shape[2:]), locks.dtype) if whole else locks[r, lo:hi]
+            lock = np.empty((hi - lo, *locks.shape[2:]), locks.dtype) if whole else np.asarray(locks[r, lo:hi])
             for step, v in values.items():
                 if v is not None:
                     lock[slots[step] - lo] = v
@@ -444,6 +444,27 @@ class Store:
         refs[r, lo:hi] = ref
 
     # --- internals ----------------------------------------------------------------------------------------------
+
+    def _array(self, name: str) -> zarr.Array:
+        """The array ``name`` of the group (zarr types a member as an array or a group)."""
+        node = self._group[name]
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"{self.path}: {name} in {_DATA} is a group, not an array; a damaged opd_lens store")
+        return node
+
+    def _read(self, name: str, selection: int | slice | tuple[int | slice, ...] = slice(None)) -> np.ndarray:
+        """``selection`` of the array ``name``, read into memory."""
+        return np.asarray(self._array(name)[selection])
+
+    def _attr(self, attrs: Mapping[str, object], key: str, kind: type[_T]) -> _T:
+        """Attribute ``key`` of the group as the store wrote it, a ``kind`` (JSON: a dict, str or int)."""
+        value = attrs[key]
+        if not isinstance(value, kind):
+            raise StoreError(
+                f"{self.path}: attribute {key!r} of {_DATA} is a {type(value).__name__}, not a {kind.__name__}; not "
+                "an opd_lens store, or a damaged one"
+            )
+        return value
 
     def _update_runs(self, changes: Mapping[str, dict]) -> None:
         """Replace registry entries with one write, recording where the store is now."""
@@ -456,10 +477,10 @@ class Store:
 
     def _coord_index(self, dim: str, values: np.ndarray | None = None) -> dict:
         """Value -> slot of the assigned slots of coordinate ``dim`` (``values``: that array, if already read)."""
-        if values is None and (held := self._held.get(dim)) is not None:
+        if values is None and isinstance(held := self._held.get(dim), dict):
             return dict(held)
         read = values is None
-        values = self._group[dim][:] if read else values
+        values = self._read(dim) if values is None else values
         cast = int if dim == "layer" else str
         index = {cast(v): i for i, v in enumerate(values) if v != _UNSET[dim]}
         if read and self._locked:
@@ -471,7 +492,7 @@ class Store:
         growing the grid (and ``angle_index``, and ``step`` to its first block of slots) in one step; idempotent, so a
         writer killed half-way is completed by the next. Returns dim -> {value: slot} for those values."""
         k = max(subspace_k(self.settings.angle_k, *shape) for shape in shapes.values())
-        wanted = {
+        wanted: dict[str, list[str] | list[int]] = {
             "run": [run],
             "layer": sorted({layer for layer, _ in shapes}),
             "module": sorted({module for _, module in shapes}, key=natural_key),
@@ -484,28 +505,28 @@ class Store:
         slots, new, sizes = {}, {}, {}
         for dim, values in wanted.items():
             slots[dim], new[dim], size = self._slots(dim, values)
-            if size > self._group[dim].shape[0]:
+            if size > self._array(dim).shape[0]:
                 sizes[dim] = size
-        if k > self._group["angle_index"].shape[0]:
+        if k > self._array("angle_index").shape[0]:
             sizes["angle_index"] = k
-        if r > self._group["rank_index"].shape[0]:
+        if r > self._array("rank_index").shape[0]:
             sizes["rank_index"] = r
-        if sizes and self._group["step"].shape[0] == 0:  # the first block of step slots in the same resize
+        if sizes and self._array("step").shape[0] == 0:  # the first block of step slots in the same resize
             sizes["step"] = _STEP_BLOCK
         if sizes:
             self._grow(sizes)
         for dim, assigned in new.items():
             self._held.pop(dim, None)
             for value, i in assigned.items():
-                self._group[dim][i] = value
+                self._array(dim)[i] = value
         for dim in ("angle_index", "rank_index"):
-            self._group[dim][:] = np.arange(self._group[dim].shape[0])
+            self._array(dim)[:] = np.arange(self._array(dim).shape[0])
         return slots
 
     def _slots(self, dim: str, values) -> tuple[dict, dict, int]:
         """Slots of ``values`` in coordinate ``dim``: (all of them, the newly assigned ones, the size they need).
         New values take free slots first (grown by a writer killed before naming them), then slots past the end."""
-        current = self._group[dim][:]
+        current = self._read(dim)
         index = self._coord_index(dim, current)
         free = iter(np.flatnonzero(current == _UNSET[dim]).tolist())
         size = current.shape[0]
@@ -529,7 +550,7 @@ class Store:
         """Bring a store of an older schema to :data:`SCHEMA_VERSION` in place: create the arrays it lacks (NaN,
         shaped and chunked like the arrays of the same dimensions), then record the version. Each step is atomic
         and the whole is idempotent, so a writer killed half-way leaves a store the next writer completes."""
-        if self._group.attrs["schema_version"] >= SCHEMA_VERSION:
+        if self._attr(self._group.attrs, "schema_version", int) >= SCHEMA_VERSION:
             return
         if "complete" in self._group:  # the arrays exist; a store without them gets all of them on registration
             if "rank_index" not in self._group:  # the dimension of update_spectrum (schema 3)
@@ -537,11 +558,11 @@ class Store:
                 self._group.create_array(
                     "rank_index", shape=(r,), chunks=(r,), dtype=np.int64, dimension_names=["rank_index"]
                 )
-            self._group["rank_index"][:] = np.arange(self._group["rank_index"].shape[0])  # again, if cut short before
-            like = self._group["stable_rank"]  # (run, step, layer, module), chunked one (run, step) at a time
+            self._array("rank_index")[:] = np.arange(self._array("rank_index").shape[0])  # again, if cut short before
+            like = self._array("stable_rank")  # (run, step, layer, module), chunked one (run, step) at a time
             for name, v in VARIABLES.items():
                 if name not in self._group:
-                    extra = [self._group[d].shape[0] for d in v.dims[4:]]
+                    extra = [self._array(d).shape[0] for d in v.dims[4:]]
                     self._group.create_array(
                         name,
                         shape=(*like.shape, *extra),
@@ -558,7 +579,8 @@ class Store:
             return
         sizes = json.loads(marker.read_text())
         for _, arr in self._group.arrays():
-            dims = arr.metadata.dimension_names or ()
+            meta = arr.metadata  # a zarr v3 group's arrays are v3 arrays, which have dimension names
+            dims = (meta.dimension_names if meta.zarr_format == 3 else None) or ()
             shape = tuple(max(sizes.get(d, n), n) for d, n in zip(dims, arr.shape, strict=True))
             if shape != arr.shape:
                 self._held.pop(arr.basename, None)
@@ -601,6 +623,7 @@ class StepWriter:
     worker: each region is its own set of chunks."""
 
     def __init__(self, path: Path):
+        self._path = path
         self._group: zarr.AsyncGroup = sync(zarr.api.asynchronous.open_group(path, mode="r+"))
         self._arrays: dict[str, zarr.AsyncArray] = {}
 
@@ -624,7 +647,10 @@ class StepWriter:
 
     async def _array(self, name: str) -> zarr.AsyncArray:
         if name not in self._arrays:
-            self._arrays[name] = await self._group.getitem(name)
+            node = await self._group.getitem(name)
+            if not isinstance(node, zarr.AsyncArray):
+                raise StoreError(f"{self._path}: {name} is a group, not an array")
+            self._arrays[name] = node
         return self._arrays[name]
 
 

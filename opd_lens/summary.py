@@ -139,7 +139,7 @@ def _row(r: xr.Dataset) -> dict:
     if not len(steps):
         return row
     ends = r.step.values[r.max_angle_v.notnull().any(_MATRIX).values]
-    at = {"first": r.sel(step=steps[0]), "last": r.sel(step=steps[-1])}
+    at: dict[str, xr.Dataset | None] = {"first": r.sel(step=steps[0]), "last": r.sel(step=steps[-1])}
     at["endpoint"] = r.sel(step=ends[-1]) if len(ends) else None
     row |= {"first_step": int(steps[0]), "last_step": int(steps[-1])}
     for c in COLUMNS:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything opd_lens needs (Python deps into .venv, the JS toolchain and bundle, Debian's Chromium for the
-# browser tests), then lint, type-check and run every test: JS unit tests in Chromium, then pytest.
+# browser tests), then lint, type-check (mypy, tsc) and run every test: JS unit tests in Chromium, then pytest.
 # Usage: bash scripts/test.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,7 @@ pip install --quiet -e ".[dev]"
 
 ruff check .
 ruff format --check .
+mypy
 npm --prefix js run typecheck
 npm --prefix js test
 python -m pytest "$@"

@@ -64,11 +64,10 @@ def read_dcp_tensor(file: Path, name: str) -> torch.Tensor:
             warnings.filterwarnings("ignore", "torch.distributed is", UserWarning)
             dcp.load({entry.key: out}, storage_reader=_Reader(file.parent, metadata), no_dist=True)
     except (Exception, dcp.CheckpointException) as e:  # a garbled data file raises many types; DCP wraps them
-        if isinstance(e, dcp.CheckpointException):
-            e = next(iter(e.failures.values()))[0]
-        why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+        cause: BaseException = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        why = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")[:300]
         where = ", ".join(str(file.parent / f) for f in sorted(entry.data)) or file
-        raise CorruptCheckpointError(f"{where}: cannot read tensor {name!r}: {type(e).__name__}: {why}") from None
+        raise CorruptCheckpointError(f"{where}: cannot read tensor {name!r}: {type(cause).__name__}: {why}") from None
     return out
 
 

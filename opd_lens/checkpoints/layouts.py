@@ -89,8 +89,8 @@ def find_checkpoints(
 def _find(run: Path, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> list[Checkpoint]:
     try:
         if not run.is_dir():
-            what = "is not a directory" if run.exists() else "does not exist"
-            raise CheckpointNotFoundError(f"{run}: run directory {what}")
+            state = "is not a directory" if run.exists() else "does not exist"
+            raise CheckpointNotFoundError(f"{run}: run directory {state}")
         bases = [base for base in (run / sub for sub in _SUBDIRS) if base.is_dir()]
         entries = {base: sorted(base.iterdir(), key=lambda p: p.name) for base in bases}
     except OSError as e:
@@ -104,6 +104,7 @@ def _find(run: Path, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> lis
         if found:
             continue
         for entry in entries[base]:
+            why: str | None
             try:
                 match = _match(entry)
             except OSError as e:
@@ -120,22 +121,24 @@ def _find(run: Path, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> lis
             if weights is None:
                 weightless.setdefault(step, entry)
                 continue
-            ckpt = _open_or_skip(weights, step, allow_pickle, skipped)
-            if ckpt is None:
+            opened = _open_or_skip(weights, step, allow_pickle, skipped)
+            if opened is None:
                 unreadable += 1
                 continue
-            if ckpt.step in found:
-                kept, dropped = sorted([found[ckpt.step], (preference, ckpt)], key=lambda x: x[0])
+            step, ckpt = opened
+            if step in found:
+                kept, dropped = sorted([found[step], (preference, ckpt)], key=lambda x: x[0])
                 warnings.warn(
-                    f"{dropped[1].path}: step {ckpt.step} is also in {kept[1].path}; using the latter",
+                    f"{dropped[1].path}: step {step} is also in {kept[1].path}; using the latter",
                     CheckpointWarning,
                     stacklevel=3,
                 )
-                found[ckpt.step] = kept
+                found[step] = kept
             else:
-                found[ckpt.step] = (preference, ckpt)
+                found[step] = (preference, ckpt)
     checkpoints = [found[s][1] for s in sorted(found)]
-    foreign = None  # what the first step directory in a layout opd_lens does not read is, and how to convert it
+    # what the first step directory in a layout opd_lens does not read is, and how to convert it
+    foreign: str | None = None
     for step, entry in sorted(weightless.items()):
         if step not in found:
             what = foreign_layout(entry)
@@ -146,12 +149,12 @@ def _find(run: Path, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> lis
         ckpt = open_checkpoint(run, allow_pickle=allow_pickle)
         return [ckpt if ckpt.step is not None else replace(ckpt, step=0)]
     if not found:
-        skipped = unreadable + len(weightless)
+        n_skipped = unreadable + len(weightless)
         if foreign is None and (what := foreign_layout(run)):
             foreign = f"it is {what}"
         raise CheckpointNotFoundError(
             f"{run}: no readable checkpoints"
-            + (f" ({skipped} skipped, see warnings)" if skipped else "")
+            + (f" ({n_skipped} skipped, see warnings)" if n_skipped else "")
             + "; "
             + (
                 foreign
@@ -189,7 +192,10 @@ def _has_weights(path: Path) -> bool:
         return True  # unreadable: open_checkpoint says why
 
 
-def _open_or_skip(path: Path, dir_step: int, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> Checkpoint | None:
+def _open_or_skip(
+    path: Path, dir_step: int, allow_pickle: bool, skipped: list[tuple[Path, str]]
+) -> tuple[int, Checkpoint] | None:
+    """The step and the checkpoint in ``path`` (``None`` if it cannot be read, recorded in ``skipped``)."""
     try:
         ckpt = open_checkpoint(path, step=dir_step, allow_pickle=allow_pickle)
     except CheckpointError as e:
@@ -203,5 +209,5 @@ def _open_or_skip(path: Path, dir_step: int, allow_pickle: bool, skipped: list[t
             CheckpointWarning,
             stacklevel=4,
         )
-        return replace(ckpt, step=trainer_step)
-    return ckpt
+        return trainer_step, replace(ckpt, step=trainer_step)
+    return dir_step, ckpt

@@ -131,7 +131,7 @@ def _split_2d(layer, module, name, shape, conv1d, config):
     parent, _, leaf = module.rpartition(".")
     prefix = f"{parent}." if parent else ""
     if leaf in _QKV:
-        sizes = _qkv_sizes(out_dim, in_dim, config, name)
+        sizes: tuple[int, ...] = _qkv_sizes(out_dim, in_dim, config, name)
         parts = [f"{prefix}{p}" for p in ("q_proj", "k_proj", "v_proj")]
     elif leaf == "gate_up_proj":
         if out_dim % 2:

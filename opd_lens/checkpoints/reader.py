@@ -151,10 +151,10 @@ class Checkpoint:
         lead = () if ref.expert is None else (ref.expert,)
         rows = slice(None) if ref.rows is None else slice(*ref.rows)
 
-        def cut(sl):
+        def cut(sl):  # tuples joined with +: mypy takes sl[(*lead, rows)] for 3.11-only syntax (valid in 3.10)
             if ref.transpose:
-                return sl[(*lead, slice(None), rows)].mT
-            return sl[(*lead, rows)]
+                return sl[lead + (slice(None), rows)].mT
+            return sl[lead + (rows,)]
 
         m = self._get(ref.tensor, cut)
         if tuple(m.shape) != ref.shape:
@@ -205,7 +205,7 @@ class Checkpoint:
             if info.file.name == DCP_METADATA:
                 from .dcp import read_dcp_tensor  # torch.distributed.checkpoint is slow to import: only when needed
 
-                t = read_dcp_tensor(info.file, name)
+                t: torch.Tensor | None = read_dcp_tensor(info.file, name)
             else:
                 t = _load_pickle(info.file).get(name)
             if t is None:
@@ -357,9 +357,9 @@ def matched_matrices(origin: Checkpoint, checkpoint: Checkpoint, include_globals
                 f"tensor {r.tensor!r}: shape {r.shape} in {checkpoint.tensors[r.tensor].file} but "
                 f"{ref0[key].shape} in origin {origin.tensors[ref0[key].tensor].file}"
             )
-    for ckpt, refs in ((origin, ref0), (checkpoint, reft)):
-        for key in sorted(refs):
-            _check_dtype(ckpt.tensors[refs[key].tensor], refs[key].tensor)
+    for ckpt, by_key in ((origin, ref0), (checkpoint, reft)):
+        for layer_module in sorted(by_key):
+            _check_dtype(ckpt.tensors[by_key[layer_module].tensor], by_key[layer_module].tensor)
     return [reft[k] for k in sorted(reft)]
 
 

@@ -150,8 +150,8 @@ def _block_lanczos(
         j = min(start.shape[1], block - 1)
         omega[:, :j] = start[:, :j].to(omega)
     y = a @ omega if sketch is None else sketch
-    f32 = {"dtype": torch.float32, "device": dev}
-    basis, aat = torch.empty(m, cap, **f32), torch.empty(m, cap, **f32)  # U and ΔWΔWᵀU = ΔW·X
+    basis = torch.empty(m, cap, dtype=torch.float32, device=dev)  # U
+    aat = torch.empty(m, cap, dtype=torch.float32, device=dev)  # ΔWΔWᵀU = ΔW·X
     x = torch.empty(n, cap, dtype=torch.float64, device=dev)  # X = ΔWᵀU
     gram = torch.empty(cap, cap, dtype=torch.float64, device=dev)
     noise = 16 * math.sqrt(n) * _F32  # relative float32 error of ΔWᵀΔW v

@@ -143,7 +143,7 @@ def endpoint_factors(w: torch.Tensor, settings: Settings = Settings()) -> Factor
     return gram_svd(w, k, left=left, right=right)
 
 
-def _factorize(w: torch.Tensor, k: int, exact: bool) -> Factors:
+def _factorize(w: torch.Tensor, k: int | None, exact: bool) -> Factors:
     return svd64(w, k) if exact else gram_svd(w, k)
 
 
@@ -172,12 +172,13 @@ def matrix_diagnostics(
     """
     if w0.shape != wt.shape or w0.ndim != 2:
         raise ValueError(f"expected two matrices of one shape, got {tuple(w0.shape)} and {tuple(wt.shape)}")
+    m, n = w0.shape
     o = origin if origin is not None else origin_factors(w0, settings)
     fast = krylov_applies(w0.shape, settings.exact)
     probe = start_block(w0.shape[1], device=w0.device) if fast else None  # ΔW·Ω formed in the update pass
     p = update_pass(w0, wt, settings.eta, torch.float32 if fast else torch.float64, probe)
     if not math.isfinite(p.fro):
-        return _nonfinite(p, tuple(w0.shape), settings, o)
+        return _nonfinite(p, (m, n), settings, o)
     delta, fro, changed, n_changed, sketch = p
     del p
     # Every entry is at most ‖ΔW‖_F, so ΔW rounded to its dtype can only overflow when that norm exceeds the dtype.
@@ -189,7 +190,7 @@ def matrix_diagnostics(
     if endpoint:
         ft = factors_t if factors_t is not None else endpoint_factors(wt, settings)
         intruders = endpoint_intruders(w0, wt, ft, o, settings)
-    return assemble(changed, n_changed, fro, top, settings, o, tuple(w0.shape), ft, intruders)
+    return assemble(changed, n_changed, fro, top, settings, o, (m, n), ft, intruders)
 
 
 def endpoint_intruders(
@@ -265,7 +266,9 @@ def nonfinite_diagnostics(
     """The diagnostics of a pair holding NaN or Inf, without the SVDs they break: the unchanged fraction follows
     the rules of :func:`~opd_lens.diagnostics.update_mask` for such entries; ‖ΔW‖_F, the spectra, V_K, the angles
     and the spectral shift are NaN, and so are the mask overlaps when W_0 is the one (its masks need its SVD)."""
-    return _nonfinite(update_pass(w0, wt, settings.eta), tuple(w0.shape), settings, origin)
+    p = update_pass(w0, wt, settings.eta)  # checks the shapes
+    m, n = w0.shape
+    return _nonfinite(p, (m, n), settings, origin)
 
 
 def _nonfinite(
@@ -275,14 +278,17 @@ def _nonfinite(
     m, n = shape
     k = min(settings.lock_k, m, n)
     nan = float("nan")
-    overlap = (lambda mask: bits.count_and(mask, changed) / n_changed if n_changed else nan) if origin else None
+
+    def overlap(mask: torch.Tensor) -> float:
+        return bits.count_and(mask, changed) / n_changed if n_changed else nan
+
     return MatrixDiagnostics(
         unchanged_frac=1.0 - n_changed / (m * n),
         update_fro=fro if math.isfinite(fro) else nan,
         stable_rank=nan,
         hill_alpha=nan,
-        principal_overlap=overlap(origin.principal_mask) if overlap else nan,
-        lowmag_overlap=overlap(origin.lowmag_mask) if overlap else nan,
+        principal_overlap=overlap(origin.principal_mask) if origin else nan,
+        lowmag_overlap=overlap(origin.lowmag_mask) if origin else nan,
         max_angle_u=nan,
         max_angle_v=nan,
         spectral_shift=nan,

@@ -41,9 +41,9 @@ def subspace_k(k: int | float, m: int, n: int) -> int:
 
 
 def principal_angles(
-    w0: torch.Tensor,
-    wt: torch.Tensor,
-    k: int = ANGLE_K,
+    w0: torch.Tensor | tuple[int, ...],
+    wt: torch.Tensor | None,
+    k: int | float = ANGLE_K,
     factors0: Factors | None = None,
     factors_t: Factors | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,13 +55,14 @@ def principal_angles(
     fraction of it). A side of dimension k (the right side of an m×n matrix with n = k, say) gives k NaN: both
     subspaces are the whole space, so its angles are zero by construction, not a measurement. Pass precomputed
     ``factors0``/``factors_t`` (with at least k vectors on each other side) to avoid repeating SVDs. Angles near
-    index k are unstable when σ_k ≈ σ_{k+1}. ``w0`` may be given as its shape when both factors are.
+    index k are unstable when σ_k ≈ σ_{k+1}. ``w0`` may be given as its shape when both factors are (``wt`` then
+    ``None``).
     """
     shape = tuple(w0) if isinstance(w0, tuple) else tuple(w0.shape)
     m, n = shape[-2:]
     k = subspace_k(k, m, n)
-    f0 = factors0 if factors0 is not None else svd64(w0, k)
-    ft = factors_t if factors_t is not None else svd64(wt, k)
+    f0 = _given_or_svd(factors0, w0, k, "factors0")
+    ft = _given_or_svd(factors_t, wt, k, "factors_t")
     left, right = angle_sides(m, n, k)
     out = []
     for side, needed, get in (("left", left, lambda f: f.u), ("right", right, lambda f: f.vh.mT)):
@@ -73,6 +74,14 @@ def principal_angles(
                 raise ValueError(f"{name} holds {get(f).shape[-1]} {side} singular vectors, fewer than k={k}")
         out.append(torch.rad2deg(subspace_angles(get(f0)[..., :k], get(ft)[..., :k])))
     return out[0], out[1]
+
+
+def _given_or_svd(f: Factors | None, w: torch.Tensor | tuple[int, ...] | None, k: int, name: str) -> Factors:
+    if f is not None:
+        return f
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{name} is needed without the matrix it factorizes")
+    return svd64(w, k)
 
 
 def angle_sides(m: int, n: int, k: int | float) -> tuple[bool, bool]:

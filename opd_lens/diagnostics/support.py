@@ -156,7 +156,7 @@ def _float32_pass(w0: torch.Tensor, wt: torch.Tensor, probe: torch.Tensor | None
         s = d64[: d.numel()]
         s.copy_(d.view(-1))  # squares summed in float64: exact products, no float32 accumulation
         fro2 += torch.dot(s, s)
-        if sketch is not None:
+        if probe is not None and sketch is not None:  # both or neither
             torch.mm(d, probe, out=sketch[i : i + rows])
     return delta, float(fro2), changed, sketch
 
@@ -177,8 +177,8 @@ def _float64_pass(w0, wt, eta: float, dtype: torch.dtype, bitwise: bool) -> Upda
             torch.ne(d, 0, out=changed[i : i + rows])
         else:
             changed[i : i + rows] = update_mask(w0[i : i + rows], wt[i : i + rows], eta)
-    fro2 = float(fro2)
-    if bitwise and not math.isfinite(fro2):  # a NaN or Inf entry: compare it by the rules of update_mask
+    squares = float(fro2)
+    if bitwise and not math.isfinite(squares):  # a NaN or Inf entry: compare it by the rules of update_mask
         changed = update_mask(w0, wt, eta)
     bits = pack(changed)
-    return UpdatePass(delta, math.sqrt(fro2) if fro2 >= 0 else math.nan, bits, count(bits))
+    return UpdatePass(delta, math.sqrt(squares) if squares >= 0 else math.nan, bits, count(bits))

@@ -60,9 +60,10 @@ def add_run(
     """
     if not isinstance(name, str) or not name.strip():
         raise StoreError(f"run name must be a non-empty string, got {name!r}")
+    run_path, origin_path = _resolved(run_dir), _resolved(origin)
     spec = {
-        "run_dir": _resolved(run_dir),
-        "origin": _resolved(origin),
+        "run_dir": run_path,
+        "origin": origin_path,
         "method": method or name,
         "include_globals": include_globals,
     }
@@ -70,10 +71,10 @@ def add_run(
     if known is not None:  # the same run again (a no-op), or another one under this name (an error)
         store.register_run(name, {**spec, "origin_fingerprint": known["origin_fingerprint"]}, {})
         return
-    origin_ckpt = open_checkpoint(spec["origin"], allow_pickle=allow_pickle)
-    last = find_checkpoints(spec["run_dir"], allow_pickle=allow_pickle)[-1]
+    origin_ckpt = open_checkpoint(origin_path, allow_pickle=allow_pickle)
+    last = find_checkpoints(run_path, allow_pickle=allow_pickle)[-1]
     refs = matched_matrices(origin_ckpt, last, include_globals)
-    shapes = {(ref.layer, ref.module): tuple(ref.shape) for ref in refs}
+    shapes = {(ref.layer, ref.module): ref.shape for ref in refs}
     store.register_run(name, {**spec, "origin_fingerprint": origin_ckpt.fingerprint}, shapes)
     _warn_small(name, list(shapes.values()), store.settings)
 
@@ -157,7 +158,7 @@ def _compute_run(
         else:
             outcomes = run_dask(store, plan, device, client, progress, tally)
         for task, outcome in outcomes:
-            step = task.ckpt.step
+            step = task.step
             if isinstance(outcome, StepError):
                 skip(task.ckpt.path, f"skipping step {step}: {outcome}")
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -26,6 +26,7 @@ from ..cache import LockBases, OriginCache, matrix_key
 from ..checkpoints import Checkpoint, MatrixRef
 from ..diagnostics import (
     MatrixDiagnostics,
+    OriginFactors,
     Settings,
     all_finite,
     lora_diagnostics,
@@ -77,7 +78,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 # --- one matrix of a group -----------------------------------------------------------------------------------------
 
 
-def _read_update(ckpt: Checkpoint, ref: MatrixRef):
+def _read_update(ckpt: Checkpoint, ref: MatrixRef) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | StepError:
     """:meth:`~opd_lens.checkpoints.Checkpoint.read_update` of ``ref``; a failure is a StepError."""
     try:
         return ckpt.read_update(ref)
@@ -90,28 +91,32 @@ def _diagnose(
     ckpt: Checkpoint,
     ref: MatrixRef,
     w0: torch.Tensor,
-    update,
-    factors,
+    update: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    factors: OriginFactors | None,
     settings: Settings,
     endpoint: bool,
     device: torch.device,
 ) -> MatrixResult:
-    """The diagnostics of one matrix of one checkpoint, given W_0 (on ``device``), what was read of W_t and the
-    origin factors (``None`` when W_0 is not finite)."""
-    lora = tuple(f.to(device) for f in update) if isinstance(update, tuple) else None
-    wt = update.to(device) if lora is None else None
+    """The diagnostics of one matrix of one checkpoint, given W_0 (on ``device``), what was read of W_t (the matrix,
+    or a LoRA adapter's factors) and the origin factors (``None`` when W_0 is not finite)."""
+    if isinstance(update, tuple):
+        left, right = update
+        update = left.to(device), right.to(device)
+    else:
+        update = update.to(device)
     nonfinite = None
     if factors is None:
         nonfinite = True, f"tensor {ref.tensor!r} in {origin.tensors[ref.tensor].file}"
-    elif lora is not None and not all(all_finite(t) for t in lora):
+    elif isinstance(update, tuple) and not all(all_finite(t) for t in update):
         nonfinite = False, f"the LoRA factors of {ref.tensor!r} in {ckpt.path}"
     d: MatrixDiagnostics
     if nonfinite is not None:
-        d = nonfinite_diagnostics(w0, wt if lora is None else lora_weight(w0, *lora), settings, factors)
-    elif lora is not None:
-        d = lora_diagnostics(w0, *lora, settings, factors, endpoint=endpoint)
+        wt = lora_weight(w0, *update) if isinstance(update, tuple) else update
+        d = nonfinite_diagnostics(w0, wt, settings, factors)
+    elif isinstance(update, tuple):
+        d = lora_diagnostics(w0, *update, settings, factors, endpoint=endpoint)
     else:
-        d = matrix_diagnostics(w0, wt, settings, factors, endpoint=endpoint)
+        d = matrix_diagnostics(w0, update, settings, factors, endpoint=endpoint)
         if math.isnan(d.update_fro):  # W_0 is finite (it has factors), so W_t holds the NaN or Inf
             nonfinite = False, f"tensor {ref.tensor!r} in {ckpt.tensors[ref.tensor].file}"
     basis = d.lock_basis if d.update_fro > 0 else torch.full_like(d.lock_basis, math.nan)
@@ -124,11 +129,13 @@ def _diagnose(
     )
 
 
-def _matrix(origin, ref, w0, updates, tasks, cache: OriginCache, settings, device) -> dict[int, Any]:
+def _matrix(
+    origin, ref, w0, updates, tasks, cache: OriginCache, settings, device
+) -> dict[int, MatrixResult | StepError]:
     """Every checkpoint of a group at one matrix: task index -> MatrixResult or StepError."""
     w0 = w0.to(device)
     factors = cache.get(ref, w0, with_svd=any(t.endpoint for t in tasks.values()))
-    out = {}
+    out: dict[int, MatrixResult | StepError] = {}
     for i, task in tasks.items():
         update = updates[i]
         if isinstance(update, StepError):
@@ -186,7 +193,7 @@ def _region(task: StepTask, results: Sequence[MatrixResult], grid) -> tuple[dict
 def _write(write, bases: LockBases, run: int, task: StepTask, results, grid) -> StepOutcome:
     """Save a step's V_K bases, then write its region (angles only where they may be, or may have been, set)."""
     scalars, angles, vk = _region(task, results, grid)
-    bases.save(task.ckpt.step, vk)
+    bases.save(task.step, vk)
     write(run, task.slot, scalars, None if task.fresh and not task.endpoint else angles)
     return StepOutcome([res.nonfinite for res in results if res.nonfinite])
 
@@ -206,7 +213,7 @@ class ReadAhead:
         self._ahead: deque = deque()
         self._held = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:
         try:
             current = 0
             while self._jobs or self._ahead:
@@ -243,17 +250,12 @@ def run_local(
             matrices = _by_matrix(group)
             results: list[list] = [[] for _ in group]
             failed: dict[int, StepError] = {}  # a step that failed to read is read no further
-            jobs = []
+            jobs: list[tuple[int, Callable[[], Any]]] = []
             for ref, tasks in matrices:
                 origin_read = partial(_read_origin, plan.origin, ref, tasks, failed)
                 jobs.append((plan.origin.read_nbytes(ref), origin_read))
                 for i, task in tasks.items():
-                    jobs.append(
-                        (
-                            task.ckpt.read_nbytes(ref),
-                            lambda i=i, c=task.ckpt, ref=ref, f=failed: f.get(i) or _read_update(c, ref),
-                        )
-                    )
+                    jobs.append((task.ckpt.read_nbytes(ref), partial(_read_unless_failed, task.ckpt, ref, i, failed)))
             inner = progress_bar(
                 matrices, desc=f"step {group[0].ckpt.step}", unit="matrix", nested=True, disable=not progress
             )
@@ -332,6 +334,14 @@ def _compute_pool(workers: int) -> ThreadPoolExecutor:
 def _read_origin(origin: Checkpoint, ref: MatrixRef, tasks: dict[int, StepTask], failed: dict) -> torch.Tensor | None:
     """W_0 of ``ref``, or ``None`` when every step that needs it has already failed to read."""
     return None if all(i in failed for i in tasks) else origin.read_matrix(ref)
+
+
+def _read_unless_failed(
+    ckpt: Checkpoint, ref: MatrixRef, i: int, failed: dict[int, StepError]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | StepError:
+    """What task ``i``'s checkpoint holds of ``ref`` (:func:`_read_update`), unless that step has already failed to
+    read: then its StepError."""
+    return failed.get(i) or _read_update(ckpt, ref)
 
 
 # --- Dask ----------------------------------------------------------------------------------------------------------

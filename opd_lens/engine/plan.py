@@ -27,6 +27,11 @@ class StepTask:
     fresh: bool
     """The slot was never written, so its angle arrays hold only their fill value and need no write."""
 
+    @property
+    def step(self) -> int:
+        """The checkpoint's step."""
+        return _step(self.ckpt)
+
 
 @dataclass
 class RunPlan:
@@ -60,36 +65,45 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
         return plan
     recorded = store.recorded(name)
     bases = store.lock_bases(name)
-    ends = endpoint_steps(endpoint, [c.step for c in ckpts])
+    ends = endpoint_steps(endpoint, [_step(c) for c in ckpts])
     used = store.used_slots()
     todo = []
     for c in ckpts:
-        entry = recorded.get(c.step)
+        step = _step(c)
+        entry = recorded.get(step)
         same = entry is not None and entry["fingerprint"] == c.fingerprint
         # stored under an older schema: bring it up, unless only endpoint metrics changed and it holds none
-        older = same and bool(changed_after(entry.get("schema", 1), entry["endpoint"]))
-        if same and not older and bases.has(c.step) and (c.step not in ends or entry["endpoint"]):
+        older = entry is not None and same and bool(changed_after(entry.get("schema", 1), entry["endpoint"]))
+        if entry is not None and same and not older and bases.has(step) and (step not in ends or entry["endpoint"]):
             continue
         if entry is not None and not same:
             warnings.warn(
-                f"{c.path}: changed since it was computed; recomputing step {c.step}", CheckpointWarning, stacklevel=4
+                f"{c.path}: changed since it was computed; recomputing step {step}", CheckpointWarning, stacklevel=4
             )
         try:
             refs = matched_matrices(origin, c, spec["include_globals"])
         except CheckpointError as e:
-            skip(c.path, f"skipping step {c.step}: {e}")
+            skip(c.path, f"skipping step {step}: {e}")
             continue
-        todo.append((c, refs, c.step in ends or (older and entry["endpoint"])))  # a recompute keeps its angles
+        # a recompute keeps its angles
+        todo.append((c, refs, step in ends or (entry is not None and older and entry["endpoint"])))
         if entry is not None:
-            plan.rewrites.append(c.step)
-    slots = store.step_slots(c.step for c, *_ in todo)
+            plan.rewrites.append(step)
+    slots = store.step_slots(_step(c) for c, *_ in todo)
     for c, refs, endpoint_metrics in todo:
-        slot = slots[c.step]
+        slot = slots[_step(c)]
         plan.tasks.append(StepTask(c, refs, slot, endpoint_metrics, slot not in used))
     plan.stale_lock = list(plan.rewrites)
-    if plan.tasks and max({*recorded, *(t.ckpt.step for t in plan.tasks)}) in plan.rewrites:
+    if plan.tasks and max({*recorded, *(t.step for t in plan.tasks)}) in plan.rewrites:
         plan.stale_lock = sorted(recorded)  # a rewritten final channel: every lock_alignment refers to the old one
     return plan
+
+
+def _step(ckpt: Checkpoint) -> int:
+    """The step of a checkpoint of a run: :func:`~opd_lens.checkpoints.find_checkpoints` gives each one."""
+    if ckpt.step is None:
+        raise ValueError(f"{ckpt.path}: a checkpoint of a run without a step")
+    return ckpt.step
 
 
 def endpoint_steps(endpoint: str | Sequence[int], steps: list[int]) -> set[int]:

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import FrameType
 
 from transformers import Trainer, TrainerCallback
 
@@ -68,13 +69,14 @@ class OpdLensCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        figures = {}
+        figures: dict[str, float] = {}
         try:
             if self.store is not None:
                 if not isinstance(self.store, Store):
                     self.store = open_store(self.store)
                 name = self.run_name or args.run_name or Path(args.output_dir).name
                 if not self._registered:
+                    assert self.origin is not None  # __init__: store and origin go together
                     self.store.add_run(name, args.output_dir, self.origin, method=self.method)
                     self._registered = True
                 self.store.compute(runs=[name], progress=False)
@@ -91,7 +93,7 @@ class OpdLensCallback(TrainerCallback):
 
     def _trainer(self) -> Trainer:
         """The ``Trainer`` whose callback handler, up the call stack, holds this callback."""
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, Trainer) and self in owner.callback_handler.callbacks:

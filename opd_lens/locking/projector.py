@@ -151,8 +151,11 @@ class SubspaceProjector:
         """Bind to ``model``'s parameters of the same names; ``mode="update"`` needs the ``optimizer``."""
         if self._handles:
             raise SubspaceError("the projector is already attached; detach() it first")
-        if self.mode == "update" and optimizer is None:
-            raise SubspaceError('mode="update" projects the optimizer\'s steps: pass the optimizer to attach()')
+        stepping = None
+        if self.mode == "update":
+            if optimizer is None:
+                raise SubspaceError('mode="update" projects the optimizer\'s steps: pass the optimizer to attach()')
+            stepping = _stepping(optimizer)
         params = dict(model.named_parameters())
         wanted = list(self.subspaces.right)
         bound = [n for n in wanted if n in params]
@@ -163,20 +166,21 @@ class SubspaceProjector:
         if len(bound) < len(wanted):
             missing = [n for n in wanted if n not in params]
             warnings.warn(f"{len(missing)} subspaces name no parameter of the model: {missing[:4]}", stacklevel=2)
+        left = self.subspaces.left if self.two_sided else None  # not None when two_sided (checked in __init__)
         for name in bound:
             p, v = params[name], self.subspaces.right[name]
-            u = self.subspaces.left[name] if self.two_sided else None
+            u = left[name] if left is not None else None
             if p.ndim != 2 or p.shape[1] != v.shape[0] or (u is not None and p.shape[0] != u.shape[0]):
                 want = (u.shape[0] if u is not None else "d_out", v.shape[0])
                 raise SubspaceError(f"parameter {name!r} has shape {tuple(p.shape)}, its subspace is for {want}")
             dtype = torch.promote_types(p.dtype, torch.float32)
-            v, u = (None if b is None else b.to(p.device, dtype) for b in (v, u))
+            v, u = v.to(p.device, dtype), None if u is None else u.to(p.device, dtype)
             if self.mode == "gradient":
                 self._handles.append(p.register_hook(partial(_project, v=v, u=u)))
             else:
                 self._targets.append((p, p.detach().clone(), v, u))
-        if self.mode == "update":
-            self._handles.append(_stepping(optimizer).register_step_post_hook(self._project_updates))
+        if stepping is not None:
+            self._handles.append(stepping.register_step_post_hook(self._project_updates))
         return self
 
     def detach(self) -> None:
@@ -208,6 +212,6 @@ def _project(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor | None = None) ->
 def _stepping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer that runs the step: Accelerate's ``AcceleratedOptimizer`` (what the HF Trainer holds)
     wraps it in ``.optimizer`` and does not run step hooks of its own."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = inner
     return optimizer

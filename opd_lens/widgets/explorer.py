@@ -54,9 +54,12 @@ class Explorer(anywidget.AnyWidget):
         metrics: list[str] | None = None,
         channels: bool | xr.DataArray = True,
     ):
-        store = None if isinstance(source, xr.Dataset) else source
-        store = open_store(store, create=False) if store is not None and not isinstance(store, Store) else store
-        ds = source if store is None else store.dataset()
+        store = None
+        if isinstance(source, xr.Dataset):
+            ds = source
+        else:
+            store = source if isinstance(source, Store) else open_store(source, create=False)
+            ds = store.dataset()
         size = ds.sizes["run"] * ds.stable_rank.size * 4  # runs² float32 (run, step, layer, module) cubes
         overlap = channels if isinstance(channels, xr.DataArray) else None
         if channels is True and store is not None and size <= CHANNEL_BUDGET:

@@ -32,7 +32,9 @@ def qwen3_config(size: ModelSize, max_len: int) -> Qwen3Config:
     """A Qwen3 config over the task's characters: grouped-query attention, q/k norms, untied ``lm_head``, no
     dropout, bf16 as the saved dtype, eager attention (fastest for tiny models on CPU). Weights start with std
     0.06 rather than Qwen3's 0.02, from which models this small learn the task late and seed-dependently."""
-    return Qwen3Config(
+    # torch_dtype and attn_implementation go through PreTrainedConfig's **kwargs, which transformers 5's typed
+    # signature leaves out (torch_dtype: the name 4.x reads; 5.x takes it as dtype); 4.x types them: unused-ignore
+    return Qwen3Config(  # type: ignore[call-arg, unused-ignore]
         vocab_size=len(VOCAB),
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,

@@ -123,7 +123,8 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 def _train_in_workers(out: Path, names: list[str], preset: Preset, workers: int, progress: bool, manifest: dict):
     """Train ``names`` on up to ``workers`` worker processes, recording each run in the manifest as it ends."""
-    pending, running = list(names), {}  # name -> (process, progress-bar line)
+    pending = list(names)
+    running: dict[str, tuple[subprocess.Popen, int]] = {}  # name -> (process, progress-bar line)
     free = list(range(workers))
     try:
         while pending or running:
