@@ -70,21 +70,18 @@ def copy_notebooks(dest: str | Path, *, force: bool = False) -> list[Path]:
     """Copy the classroom notebooks into ``dest`` (created if missing) and return the paths written. A notebook
     already there with other content (your edits) stops the copy before anything is written, unless ``force``."""
     dest = Path(dest)
-    sources = _notebook_sources()
-    edited = [
-        dest / s.name for s in sources if (dest / s.name).is_file() and (dest / s.name).read_bytes() != s.read_bytes()
-    ]
+    stale = {dest / s.name: s for s in _notebook_sources() if not _same_file(dest / s.name, s)}
+    edited = [str(target) for target in stale if target.is_file()]
     if edited and not force:
-        names = ", ".join(str(p) for p in edited)
-        raise OpdLensError(f"{names}: differs from the shipped notebook (kept; pass --force to overwrite)")
+        raise OpdLensError(f"{', '.join(edited)}: differs from the shipped notebook (kept; pass --force to overwrite)")
     if dest.exists() and not dest.is_dir():
         raise OpdLensError(f"{dest}: not a directory")
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for source in sources:
-        target = dest / source.name
-        if not target.is_file() or target.read_bytes() != source.read_bytes():
-            with replacing(target) as tmp:
-                shutil.copyfile(source, tmp)
-            written.append(target)
-    return written
+    for target, source in stale.items():
+        with replacing(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return list(stale)
+
+
+def _same_file(target: Path, source: Path) -> bool:
+    return target.is_file() and target.read_bytes() == source.read_bytes()

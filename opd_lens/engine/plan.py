@@ -71,12 +71,14 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     for c in ckpts:
         step = _step(c)
         entry = recorded.get(step)
-        same = entry is not None and entry["fingerprint"] == c.fingerprint
-        # stored under an older schema: bring it up, unless only endpoint metrics changed and it holds none
-        older = entry is not None and same and bool(changed_after(entry.get("schema", 1), entry["endpoint"]))
-        if entry is not None and same and not older and bases.has(step) and (step not in ends or entry["endpoint"]):
-            continue
-        if entry is not None and not same:
+        keeps_angles = False  # a recompute of a step that has endpoint metrics keeps them
+        if entry is not None and entry["fingerprint"] == c.fingerprint:
+            # stored under an older schema: bring it up, unless only endpoint metrics changed and it holds none
+            older = bool(changed_after(entry.get("schema", 1), entry["endpoint"]))
+            if not older and bases.has(step) and (step not in ends or entry["endpoint"]):
+                continue
+            keeps_angles = older and bool(entry["endpoint"])
+        elif entry is not None:
             warnings.warn(
                 f"{c.path}: changed since it was computed; recomputing step {step}", CheckpointWarning, stacklevel=4
             )
@@ -85,13 +87,12 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
         except CheckpointError as e:
             skip(c.path, f"skipping step {step}: {e}")
             continue
-        # a recompute keeps its angles
-        todo.append((c, refs, step in ends or (entry is not None and older and entry["endpoint"])))
+        todo.append((c, step, refs, step in ends or keeps_angles))
         if entry is not None:
             plan.rewrites.append(step)
-    slots = store.step_slots(_step(c) for c, *_ in todo)
-    for c, refs, endpoint_metrics in todo:
-        slot = slots[_step(c)]
+    slots = store.step_slots(step for _, step, *_ in todo)
+    for c, step, refs, endpoint_metrics in todo:
+        slot = slots[step]
         plan.tasks.append(StepTask(c, refs, slot, endpoint_metrics, slot not in used))
     plan.stale_lock = list(plan.rewrites)
     if plan.tasks and max({*recorded, *(t.step for t in plan.tasks)}) in plan.rewrites:
