@@ -358,6 +358,21 @@ def test_bad_origin_or_run_dir_is_one_error_line_and_nothing_stored(tmp_path, ca
     assert not (store / ".lock").exists()
 
 
+def test_a_stored_last_checkpoint_gone_bad_makes_no_earlier_step_an_endpoint(tmp_path):
+    """Found by the CLI fuzzer: with the stored last checkpoint unreadable, "last" was the step before it, which
+    compute then rewrote with endpoint metrics."""
+    origin, run = write_planted_run(tmp_path / "r", config=CONFIG, steps=(1, 2))
+    store = opd_lens.open_store(tmp_path / "store", SET)
+    store.add_run("r", run, origin)
+    store.compute(progress=False)
+    before = store.dataset().load()
+    _truncated(run / "checkpoint-2")
+    with pytest.warns(CheckpointWarning, match="checkpoint-2"):
+        report = store.compute(progress=False)
+    assert report.steps == [] and report.matrices_read == 0
+    xr.testing.assert_identical(store.dataset(), before)
+
+
 # --- NaN and Inf values --------------------------------------------------------------------------------------------
 
 

@@ -52,7 +52,8 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
     its V_K bases are cached and, if it is an endpoint step, it holds endpoint metrics (a step that lacks them is
     recomputed; angles already stored are kept, so a step that was last when computed keeps its angles). A step
     stored before a variable of the schema existed or changed is recomputed to fill it, endpoint metrics included
-    if it had them."""
+    if it had them. The last step is the last the store holds or the run has: a stored final checkpoint that has
+    become unreadable makes no earlier step an endpoint."""
     spec = store.runs.get(name)
     if spec is None:
         raise StoreError(f"{store.path}: no run named {name!r}; registered: {list(store.runs)}")
@@ -65,7 +66,7 @@ def plan_run(store: Store, name: str, endpoint, skip: Callable[[Path, str], None
         return plan
     recorded = store.recorded(name)
     bases = store.lock_bases(name)
-    ends = endpoint_steps(endpoint, [_step(c) for c in ckpts])
+    ends = endpoint_steps(endpoint, [*recorded, *(_step(c) for c in ckpts)])  # "last": of what the store holds too
     used = store.used_slots()
     todo = []
     for c in ckpts:
