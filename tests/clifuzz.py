@@ -304,7 +304,9 @@ _DIR_NAMES = st.sampled_from(
         "weights",
         "ckpt",
     ]
-) | st.text(st.characters(blacklist_characters="/\x00"), min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
+) | st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1, max_size=12).filter(
+    lambda s: s not in (".", "..")
+)
 mutation_st = st.one_of(
     st.builds(Mutation, st.just("flip"), st.integers(0, 99), picks_st, st.binary(min_size=1, max_size=4)),
     st.builds(

@@ -373,6 +373,17 @@ def test_a_stored_last_checkpoint_gone_bad_makes_no_earlier_step_an_endpoint(tmp
     xr.testing.assert_identical(store.dataset(), before)
 
 
+def test_a_header_dtype_that_is_not_a_name_is_one_warning_line(tmp_path):
+    """Found by the CLI fuzzer: ``"dtype": null`` passed the header check, and ``inspect`` raised a TypeError."""
+    origin, run = write_planted_run(tmp_path / "r", config=CONFIG, steps=(1, 2))
+    header, data = split_header(run / "checkpoint-1" / W)
+    header[UP]["dtype"] = None
+    join_header(run / "checkpoint-1" / W, header, data)
+    res = opd_lens_cli("inspect", str(run), "--origin", str(origin))
+    one_line(res, 0, "checkpoint-1", UP, "dtype None")
+    assert "1 checkpoint(s)" in res.stdout
+
+
 # --- NaN and Inf values --------------------------------------------------------------------------------------------
 
 

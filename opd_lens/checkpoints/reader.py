@@ -450,6 +450,8 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             dtype, shape, (start, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in (*shape, start, stop)) or stop < start:
                 raise ValueError(f"tensor {name!r} has a malformed shape or offsets")
+            if not isinstance(dtype, str):
+                raise ValueError(f"tensor {name!r} has dtype {dtype!r}, not a name")
             nbytes = DTYPE_BYTES.get(dtype)
             if nbytes is not None and stop - start != nbytes * math.prod(shape):
                 raise ValueError(f"tensor {name!r}: {stop - start} bytes do not hold {dtype}{list(shape)}")
