@@ -58,6 +58,13 @@ _LOCK = ".lock"
 _GROW = ".grow.json"
 _STEP_BLOCK = 32
 _RUN_KEYS = ("run_dir", "origin", "method", "include_globals")
+_RUN_FIELDS = {**dict.fromkeys(("run_dir", "origin", "method"), str), "include_globals": bool,
+               "origin_fingerprint": str, "checkpoints": dict}  # fmt: skip
+_ENTRY_FIELDS = {"path": str, "fingerprint": str, "endpoint": bool, "lock_ref": int, "schema": int}
+_OPTIONAL = ("endpoint", "lock_ref", "schema")
+"""Keys a registry entry may lack: stores written before they were recorded (completed by :meth:`Store.recorded`)."""
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+               bool: "a boolean", type(None): "null"}  # fmt: skip
 _T = TypeVar("_T")
 
 
@@ -114,14 +121,13 @@ class Store:
         try:
             self._group = zarr.open_group(self.data_path, mode="r+")
             attrs = dict(self._group.attrs)
-            version = attrs["schema_version"]
         except Exception as e:  # zarr raises many types for a damaged or foreign directory
             raise StoreError(f"{self.path}: not a readable opd_lens store ({type(e).__name__}: {e})") from None
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if (version := self._attr(attrs, "schema_version", int)) > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: written by a newer opd_lens (schema {version}, this is {SCHEMA_VERSION}); upgrade"
             )
-        self.settings = Settings(**self._attr(attrs, "settings", dict))
+        self.settings = self._settings(self._attr(attrs, "settings", dict))
         home = self._attr(attrs, "home", str) if "home" in attrs else None
         self._moved_from = os.path.dirname(home) if home and home != self._home else None
         """The folder that held the store when its paths were recorded, if the store has moved since."""
@@ -170,7 +176,7 @@ class Store:
         """The run registry as stored."""
         if isinstance(held := self._held.get("runs"), str):
             return json.loads(held)
-        runs = dict(self._attr(zarr.open_group(self.data_path, mode="r").attrs, "runs", dict))
+        runs = self._checked(dict(self._attr(zarr.open_group(self.data_path, mode="r").attrs, "runs", dict)))
         if self._locked:
             self._held["runs"] = json.dumps(runs)
         return runs
@@ -279,14 +285,33 @@ class Store:
         }
 
     def _open_raw(self, lazy: bool, attempts: int = 5) -> xr.Dataset:
-        """The raw arrays; retried while a writer is between resizing two arrays."""
+        """The raw arrays; retried while a writer is between resizing two arrays.
+
+        A snapshot reads the ``complete`` flags and ``lock_ref`` before the values and again after them, and keeps
+        a step complete (a lock_alignment current) only if both reads agree: a writer clears a step's flag before
+        writing it and sets it after, and marks lock_alignment stale before rewriting it, so a step written while
+        the values were read is left out rather than shown half written."""
         for _ in range(attempts):
             try:
-                ds = xr.open_zarr(self.data_path, consolidated=False, chunks={} if lazy else None)
-                small = ["complete", "lock_ref", "numel"]
-                return ds.assign(ds[small].load()) if lazy else ds.load()
-            except ValueError as e:  # conflicting dimension sizes
-                error = e
+                # the store writes no CF attributes: decoding ones that a forged store carries would only break
+                ds = xr.open_zarr(self.data_path, consolidated=False, chunks={} if lazy else None, decode_cf=False)
+                if lazy:
+                    return ds.assign(ds[["complete", "lock_ref", "numel"]].load())
+                before = ds[["complete", "lock_ref"]].load()
+                ds = ds.load()
+                return ds.assign(
+                    complete=ds.complete.where(before.complete == 1, 0),
+                    lock_ref=ds.lock_ref.where(before.lock_ref == ds.lock_ref, -1),
+                )
+            except Exception as e:
+                if forged := [name for name, a in self._group.arrays() if "_FillValue" in a.attrs]:  # xarray decodes it
+                    raise StoreError(
+                        f"{self.path}: array {forged[0]} of {_DATA} has a _FillValue attribute, which opd_lens never "
+                        "writes; a damaged opd_lens store"
+                    ) from None
+                if not isinstance(e, ValueError):
+                    raise
+                error = e  # conflicting dimension sizes
                 time.sleep(0.2)
         raise StoreError(
             f"{self.path}: arrays disagree in size ({error}); a writer was interrupted while growing the store: run "
@@ -432,15 +457,18 @@ class Store:
         covered = len(slots) == hi - lo  # every slot of the range is written: nothing needs reading back first
         refs, locks = self._array("lock_ref"), self._array("lock_alignment")
         ref = np.empty(hi - lo, refs.dtype) if covered else np.asarray(refs[r, lo:hi])
-        for step, v in values.items():
-            ref[slots[step] - lo] = -1 if v is None else ref_step
+        for step in values:
+            ref[slots[step] - lo] = -1
         if any(v is not None for v in values.values()):
+            refs[r, lo:hi] = ref  # stale while their values are rewritten: a reader never pairs new values, old ref
             whole = covered and all(v is not None for v in values.values())
             lock = np.empty((hi - lo, *locks.shape[2:]), locks.dtype) if whole else np.asarray(locks[r, lo:hi])
             for step, v in values.items():
                 if v is not None:
                     lock[slots[step] - lo] = v
             locks[r, lo:hi] = lock
+        for step, v in values.items():
+            ref[slots[step] - lo] = -1 if v is None else ref_step
         refs[r, lo:hi] = ref
 
     # --- internals ----------------------------------------------------------------------------------------------
@@ -458,13 +486,33 @@ class Store:
 
     def _attr(self, attrs: Mapping[str, object], key: str, kind: type[_T]) -> _T:
         """Attribute ``key`` of the group as the store wrote it, a ``kind`` (JSON: a dict, str or int)."""
-        value = attrs[key]
-        if not isinstance(value, kind):
+        if key not in attrs:
+            raise StoreError(f"{self.path}: {_DATA} has no attribute {key!r}; not an opd_lens store, or a damaged one")
+        if type(value := attrs[key]) is not kind:
             raise StoreError(
-                f"{self.path}: attribute {key!r} of {_DATA} is a {type(value).__name__}, not a {kind.__name__}; not "
-                "an opd_lens store, or a damaged one"
+                f"{self.path}: attribute {key!r} of {_DATA} is {_json_type(value)}, not {_JSON_TYPES[kind]}; not an "
+                "opd_lens store, or a damaged one"
             )
         return value
+
+    def _settings(self, values: dict) -> Settings:
+        """The settings of the ``settings`` attribute (a key it lacks takes its default), checked."""
+        kinds = {k: (bool,) if isinstance(v, bool) else (int, float) for k, v in Settings().asdict().items()}
+        for key, value in values.items():
+            if type(value) not in kinds.get(key, ()):
+                what = f"is {_short(value)}, not {_JSON_TYPES[kinds[key][-1]]}" if key in kinds else "is unknown"
+                raise StoreError(f"{self.path}: setting {_short(key)} of {_DATA} {what}; a damaged opd_lens store")
+        try:
+            return Settings(**values)
+        except ValueError as e:
+            raise StoreError(f"{self.path}: the settings of {_DATA} are not valid ({e}); a damaged store") from None
+
+    def _checked(self, runs: dict) -> dict[str, dict]:
+        """``runs``, the run registry as read, if each run and checkpoint entry holds what the store writes."""
+        if problem := next(_registry_problems(runs), None):
+            where, wrong = problem
+            raise StoreError(f"{self.path}: {where} in the registry of {_DATA} {wrong}; a damaged opd_lens store")
+        return runs
 
     def _update_runs(self, changes: Mapping[str, dict]) -> None:
         """Replace registry entries with one write, recording where the store is now."""
@@ -659,6 +707,41 @@ def write_step(
 ) -> None:
     """Write one (run, step) region and then mark it complete; safe to call from a Dask worker."""
     StepWriter(path)(run, slot, scalars, angles)
+
+
+def _registry_problems(runs: dict) -> Iterator[tuple[str, str]]:
+    """(where, what is wrong) for each run or checkpoint entry of a registry that is not as the store writes it."""
+    for name, run in runs.items():
+        if wrong := _wrong(run, _RUN_FIELDS) if name.strip() else "has no name":
+            yield f"run {_short(name)}", wrong
+            continue
+        for step, entry in run["checkpoints"].items():
+            if wrong := _wrong(entry, _ENTRY_FIELDS) if step.isascii() and step.isdigit() else "is not a step number":
+                yield f"checkpoint {_short(step)} of run {_short(name)}", wrong
+
+
+def _wrong(record: object, fields: Mapping[str, type]) -> str | None:
+    """What keeps ``record`` from being a JSON object with ``fields`` (key -> type; keys in :data:`_OPTIONAL` may be
+    missing), or None."""
+    if type(record) is not dict:
+        return f"is {_json_type(record)}, not an object"
+    for key, kind in fields.items():
+        if key not in record and key not in _OPTIONAL:
+            return f"has no {key!r}"
+        if key in record and type(record[key]) is not kind:
+            return f"has {key!r} = {_short(record[key])}, not {_JSON_TYPES[kind]}"
+    return None
+
+
+def _json_type(value: object) -> str:
+    """The JSON type of a decoded value, in words: ``an object``, ``a string``, ``null``…"""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _short(value: object) -> str:
+    """``value`` as JSON (ASCII, one line), cut short: a forged store's strings may be megabytes."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else f"{text[:60]}…{text[-16:]}"
 
 
 def _missing(ds: xr.Dataset, v, settings: Settings) -> xr.DataArray:

@@ -12,12 +12,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .checkpoints import checkpoint_path, save_checkpoint
+from .schema import SCHEMA_VERSION
 
-__all__ = ["SPECTRA", "qwen3_config", "qwen3_shapes", "update_direction", "write_planted_run"]
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["SPECTRA", "fill_store", "qwen3_config", "qwen3_shapes", "update_direction", "write_planted_run"]
 
 SPECTRA = {
     "bulk": "a rank-r channel B A plus a sparse Gaussian S of equal rms: σ_(r+1)… sit at the edge of a "
@@ -123,3 +129,62 @@ def update_direction(w: torch.Tensor, spectrum: str, rank: int, density: float, 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) for k, v in tensors.items()}
+
+
+def fill_store(
+    path: str | os.PathLike,
+    *,
+    runs: int = 6,
+    steps: int = 300,
+    layers: int = 36,
+    hidden: int = 4096,
+    intermediate: int = 12288,
+    seed: int = 0,
+) -> Store:
+    """A store of ``runs`` runs × ``steps`` steps × ``layers`` layers × the 7 modules of a Qwen3 block, filled with
+    random values through the store's own writers, with no checkpoint read and no training: for timing what reads a
+    store at real-study size. The last step of each run has endpoint metrics; ``lock_alignment`` refers to it."""
+    from .diagnostics import Settings
+    from .schema import ANGLES, STEP_SCALARS, VARIABLES
+    from .store import open_store
+
+    store = open_store(path, Settings(angle_k=16))
+    rng = np.random.default_rng(seed)
+    mlp = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
+    blocks = {f"self_attn.{m}": (hidden, hidden) for m in _ATTN} | {f"mlp.{m}": shape for m, shape in mlp.items()}
+    shapes = {(layer, module): shape for layer in range(layers) for module, shape in blocks.items()}
+    series = [100 * (t + 1) for t in range(steps)]
+    for i in range(runs):
+        name = f"run-{i}"
+        spec = {"run_dir": f"/runs/{name}", "origin": "/runs/origin", "method": ("sft", "opd", "rlvr")[i % 3]}
+        store.register_run(name, {**spec, "include_globals": False, "origin_fingerprint": "0" * 64}, shapes)
+        with store.writer():
+            grid_layers, grid_modules, k, r = store.grid()
+            shape = (len(grid_layers), len(grid_modules))
+            write, run, slots = store.step_writer(), store.run_index(name), store.step_slots(series)
+            for step in series:
+                last = step == series[-1]
+                scalars = {v: rng.random(shape, np.float32) for v in STEP_SCALARS}
+                if not last:  # endpoint metrics at the last step only
+                    scalars |= {
+                        v: np.full(shape, np.nan, np.float32) for v in STEP_SCALARS if VARIABLES[v].when == "endpoint"
+                    }
+                scalars["update_spectrum"] = np.sort(rng.random((*shape, r), np.float32))[..., ::-1]
+                angles = {v: np.sort(rng.random((*shape, k), np.float32) * 90) for v in ANGLES} if last else None
+                write(run, slots[step], scalars, angles)
+            store.record(
+                name,
+                {
+                    s: {
+                        "path": f"{spec['run_dir']}/checkpoint-{s}",
+                        "fingerprint": "0" * 64,
+                        "schema": SCHEMA_VERSION,
+                        "endpoint": s == series[-1],
+                        "lock_ref": -1,
+                    }
+                    for s in series
+                },
+            )
+            store.write_lock(name, {s: rng.random(shape, np.float32) for s in series}, series[-1])
+            store.record(name, {s: {**store.recorded(name)[s], "lock_ref": series[-1]} for s in series})
+    return store

@@ -948,3 +948,20 @@ def test_alignment_grid_equals_sim_k_per_matrix_in_any_batching(tmp_path, monkey
         np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     assert np.isnan(got[2, 1, 0]) and np.isnan(got[2, 0, 1]) and not np.isnan(got[2, 0, 0])
+
+
+def test_a_store_of_real_study_shape_filled_directly_opens_summarizes_and_feeds_the_explorer(tmp_path):
+    """A tenth of the steps of ``bench/bigstore.py``'s 6 × 300 × 36 × 7 store (that one's timings are in the docs)."""
+    from opd_lens.testing import fill_store
+    from opd_lens.widgets import Explorer
+
+    store = fill_store(tmp_path / "s", runs=6, steps=30, layers=36)
+    ds = store.dataset()
+    assert dict(ds.stable_rank.sizes) == {"run": 6, "step": 30, "layer": 36, "module": 7}
+    assert ds.stable_rank.notnull().all() and ds.lock_alignment.notnull().all()  # every lock_ref is the last step
+    assert ds.max_angle_u.sel(step=3000).notnull().all() and ds.max_angle_u.sel(step=2900).isnull().all()
+    table = opd_lens.summarize(ds)
+    assert list(table.index) == [f"run-{i}" for i in range(6)] and (table.steps == 30).all()
+    assert (table.last_step == 3000).all()
+    data = Explorer(store)._data
+    assert data["steps"] == list(range(100, 3001, 100)) and len(data["runs"]) == 6

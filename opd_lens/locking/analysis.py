@@ -83,13 +83,13 @@ def channel_overlap(
     return _overlap(store, store.dataset(), run, other, other_steps)
 
 
-def final_channel_overlap(store: Store | str | os.PathLike) -> xr.DataArray | None:
+def final_channel_overlap(store: Store | str | os.PathLike, ds: xr.Dataset | None = None) -> xr.DataArray | None:
     """:func:`channel_overlap` of every run against every run's final channel at once: a DataArray over (other, run,
     step, layer, module) on the store's Dataset grid, NaN where ``run`` and ``other`` start from different origins
     or a step is not computed; against itself a run gives its ``lock_alignment``. ``None`` when some computed
-    step has no cached V_K bases (a store filled without the engine)."""
+    step has no cached V_K bases (a store filled without the engine). ``ds``: the store's Dataset, if already read."""
     store = store if isinstance(store, Store) else open_store(store, create=False)
-    ds = store.dataset()
+    ds = store.dataset() if ds is None else ds
     names = [str(r) for r in ds.run.values]
     steps = {name: _computed_steps(ds, name, store) for name in names}
     if not all(store.lock_bases(name).has(s) for name in names for s in steps[name]):

@@ -63,7 +63,7 @@ class Explorer(anywidget.AnyWidget):
         size = ds.sizes["run"] * ds.stable_rank.size * 4  # runs² float32 (run, step, layer, module) cubes
         overlap = channels if isinstance(channels, xr.DataArray) else None
         if channels is True and store is not None and size <= CHANNEL_BUDGET:
-            overlap = final_channel_overlap(store)
+            overlap = final_channel_overlap(store, ds)
         data = explorer_payload(ds, metrics, overlap)
         module = data["modules"][0] if module is None else module  # the paper reads its findings per module
         first = ds.isel(run=0)
