@@ -17,6 +17,7 @@ import ipywidgets
 import pandas as pd
 from ipywidgets.embed import dependency_state, embed_data
 
+from .errors import ChartError
 from .files import replacing
 from .offline import offline_runtime
 from .store import Store
@@ -70,9 +71,7 @@ def export_html(items: Iterable, path: str | os.PathLike, *, title: str = "opd_l
         elif isinstance(item, pd.DataFrame):
             body.append(f'<div class="opd-item">{item.to_html(float_format=lambda x: f"{x:.4g}", escape=True)}</div>')
         elif hasattr(item, "to_dict") and hasattr(item, "save"):  # an altair chart
-            import vl_convert as vlc
-
-            body.append(f'<div class="opd-item">{vlc.vegalite_to_svg(item.to_json())}</div>')
+            body.append(f'<div class="opd-item">{_svg(item)}</div>')
         else:
             raise TypeError(
                 f"export_html: cannot show a {type(item).__name__}; "
@@ -118,9 +117,27 @@ def store_report(store: Store, path: str | os.PathLike, *, title: str = "opd_len
         "is what random positions would give (α).",
         charts.overlaps(ds),
     ]
-    return export_html(items, path, title=title)
+    try:
+        return export_html(items, path, title=title)
+    except ChartError as e:
+        raise ChartError(f"{store.path}: {e}") from None
+
+
+def _svg(chart) -> str:
+    """An altair chart as inline SVG."""
+    import vl_convert as vlc
+
+    spec = chart.to_json()
+    try:
+        return vlc.vegalite_to_svg(spec)
+    except ValueError as e:  # e.g. a name with U+2028 in an expression that Vega-Lite compiles (a custom sort)
+        title = json.loads(spec).get("title", "")
+        title = title.get("text", "") if isinstance(title, dict) else title
+        reason = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ChartError(f"Vega-Lite cannot draw the chart {title!r} ({reason})") from None
 
 
 def _script_json(value) -> str:
-    """JSON safe inside a <script> element."""
-    return json.dumps(value).replace("</", "<\\/")
+    """JSON safe inside a <script> element: no ``<`` at all, so neither ``</script>`` nor ``<!--<script>`` (which
+    would make the element run on past its end tag) can occur in it."""
+    return json.dumps(value).replace("<", "\\u003c")

@@ -62,7 +62,7 @@ _RUN_FIELDS = {**dict.fromkeys(("run_dir", "origin", "method"), str), "include_g
                "origin_fingerprint": str, "checkpoints": dict}  # fmt: skip
 _ENTRY_FIELDS = {"path": str, "fingerprint": str, "endpoint": bool, "lock_ref": int, "schema": int}
 _OPTIONAL = ("endpoint", "lock_ref", "schema")
-"""Keys a registry entry may lack: stores written before they were recorded (completed by :meth:`Store.recorded`)."""
+"""Keys a registry entry of an older store lacks (:meth:`Store.recorded` completes ``endpoint`` and ``lock_ref``)."""
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
                bool: "a boolean", type(None): "null"}  # fmt: skip
 _T = TypeVar("_T")
@@ -223,7 +223,7 @@ class Store:
         whatever the store holds when it is computed, so take it while no compute is writing.
         """
         runs = self.runs
-        if not runs or "complete" not in self._group:
+        if not runs or not (self.data_path / "complete").exists():  # its metadata is read (and checked) by _array
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
         if not (self._read("complete") == 1).any():
             raise StoreError(f"{self.path}: no step has been computed yet (run compute)")
@@ -304,11 +304,8 @@ class Store:
                     lock_ref=ds.lock_ref.where(before.lock_ref == ds.lock_ref, -1),
                 )
             except Exception as e:
-                if forged := [name for name, a in self._group.arrays() if "_FillValue" in a.attrs]:  # xarray decodes it
-                    raise StoreError(
-                        f"{self.path}: array {forged[0]} of {_DATA} has a _FillValue attribute, which opd_lens never "
-                        "writes; a damaged opd_lens store"
-                    ) from None
+                if damage := self._damage():
+                    raise StoreError(f"{self.path}: {damage}; a damaged opd_lens store") from None
                 if not isinstance(e, ValueError):
                     raise
                 error = e  # conflicting dimension sizes
@@ -473,9 +470,27 @@ class Store:
 
     # --- internals ----------------------------------------------------------------------------------------------
 
+    def _damage(self) -> str | None:
+        """What keeps xarray from reading the arrays, if it is their metadata: metadata that zarr cannot read, or a
+        _FillValue attribute (which xarray decodes, and opd_lens never writes)."""
+        for member in sorted(p for p in self.data_path.iterdir() if (p / "zarr.json").is_file()):
+            try:
+                attrs = zarr.open_array(member, mode="r").attrs
+            except Exception as e:  # zarr raises many types for damaged metadata
+                return f"array {member.name} of {_DATA} cannot be read ({type(e).__name__}: {e})"
+            if "_FillValue" in attrs:
+                return f"array {member.name} of {_DATA} has a _FillValue attribute, which opd_lens never writes"
+        return None
+
     def _array(self, name: str) -> zarr.Array:
         """The array ``name`` of the group (zarr types a member as an array or a group)."""
-        node = self._group[name]
+        try:
+            node = self._group[name]
+        except Exception as e:  # zarr raises many types for damaged metadata
+            raise StoreError(
+                f"{self.path}: array {name} of {_DATA} cannot be read ({type(e).__name__}: {e}); a damaged opd_lens "
+                "store"
+            ) from None
         if not isinstance(node, zarr.Array):
             raise StoreError(f"{self.path}: {name} in {_DATA} is a group, not an array; a damaged opd_lens store")
         return node
@@ -505,7 +520,9 @@ class Store:
         try:
             return Settings(**values)
         except ValueError as e:
-            raise StoreError(f"{self.path}: the settings of {_DATA} are not valid ({e}); a damaged store") from None
+            raise StoreError(
+                f"{self.path}: the settings of {_DATA} are not valid ({e}); a damaged opd_lens store"
+            ) from None
 
     def _checked(self, runs: dict) -> dict[str, dict]:
         """``runs``, the run registry as read, if each run and checkpoint entry holds what the store writes."""
@@ -712,7 +729,7 @@ def write_step(
 def _registry_problems(runs: dict) -> Iterator[tuple[str, str]]:
     """(where, what is wrong) for each run or checkpoint entry of a registry that is not as the store writes it."""
     for name, run in runs.items():
-        if wrong := _wrong(run, _RUN_FIELDS) if name.strip() else "has no name":
+        if wrong := _wrong(run, _RUN_FIELDS) if name.strip() and _utf8(name) else "is not a run name":
             yield f"run {_short(name)}", wrong
             continue
         for step, entry in run["checkpoints"].items():
@@ -726,11 +743,23 @@ def _wrong(record: object, fields: Mapping[str, type]) -> str | None:
     if type(record) is not dict:
         return f"is {_json_type(record)}, not an object"
     for key, kind in fields.items():
-        if key not in record and key not in _OPTIONAL:
-            return f"has no {key!r}"
-        if key in record and type(record[key]) is not kind:
-            return f"has {key!r} = {_short(record[key])}, not {_JSON_TYPES[kind]}"
+        if key not in record:
+            if key not in _OPTIONAL:
+                return f"has no {key!r}"
+        elif type(value := record[key]) is not kind:
+            return f"has {key!r} = {_short(value)}, not {_JSON_TYPES[kind]}"
+        elif isinstance(value, str) and not _utf8(value):
+            return f"has {key!r} = {_short(value)}, not valid Unicode"
     return None
+
+
+def _utf8(text: str) -> bool:
+    """Whether UTF-8 encodes ``text``: JSON escapes such as ``\\ud800`` decode to lone surrogates, which it cannot."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_type(value: object) -> str:

@@ -126,8 +126,12 @@ def _logged_accuracy(path: Path, step: int) -> float | None:
         history = load_json(path).get("log_history", [])
     except (OSError, ValueError, AttributeError):
         return None
+    if not isinstance(history, list):
+        return None
     values = [
-        r["eval_accuracy"] for r in history if isinstance(r, dict) and r.get("step") == step and "eval_accuracy" in r
+        r["eval_accuracy"]
+        for r in history
+        if isinstance(r, dict) and r.get("step") == step and type(r.get("eval_accuracy")) in (int, float)
     ]
     return float(values[-1]) if values else None
 

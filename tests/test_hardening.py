@@ -384,6 +384,17 @@ def test_a_header_dtype_that_is_not_a_name_is_one_warning_line(tmp_path):
     assert "1 checkpoint(s)" in res.stdout
 
 
+def test_a_step_past_int64_is_skipped_with_one_line(tmp_path):
+    """Found by the CLI fuzzer: a ``global_step`` of 2^63 (or a folder ``checkpoint-99999999999999999999``) overflowed
+    the store's int64 step coordinate in compute."""
+    origin, run = write_planted_run(tmp_path / "r", config=CONFIG, steps=(1, 2))
+    (run / "checkpoint-1" / "trainer_state.json").unlink()
+    (run / "checkpoint-1").rename(run / "checkpoint-99999999999999999999")
+    res = opd_lens_cli(*compute_args(run, origin, tmp_path / "store"))
+    one_line(res, 2, "checkpoint-99999999999999999999", "outside 0 to 2^63 - 1")
+    assert res.stdout.startswith("r: computed steps 2;"), res.stdout
+
+
 # --- NaN and Inf values --------------------------------------------------------------------------------------------
 
 

@@ -126,6 +126,10 @@ def _find(run: Path, allow_pickle: bool, skipped: list[tuple[Path, str]]) -> lis
                 unreadable += 1
                 continue
             step, ckpt = opened
+            if not 0 <= step < 2**63:  # the store keeps steps as int64
+                skipped.append((ckpt.path, f"skipping {ckpt.path}: step {step} is outside 0 to 2^63 - 1"))
+                unreadable += 1
+                continue
             if step in found:
                 kept, dropped = sorted([found[step], (preference, ckpt)], key=lambda x: x[0])
                 warnings.warn(

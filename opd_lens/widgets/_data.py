@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
 
@@ -34,6 +36,7 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None, channels:
     if unknown or not metrics:
         raise ValueError(f"unknown metric(s) {unknown or metrics}; the Dataset has {available}")
     ds = ds.transpose("run", "step", "layer", "module", ...)
+    alpha = float(ds.attrs.get("mask_alpha", math.nan))
     return {
         "runs": [str(r) for r in ds.run.values],
         "methods": [str(m) for m in ds.method.values],
@@ -48,7 +51,7 @@ def explorer_payload(ds: xr.Dataset, metrics: list[str] | None = None, channels:
         "attrs": {m: _title_attrs(ds[m]) for m in metrics} | _cubes(channels, _channel_attrs),
         "angles": _angles(ds),
         "spectrum": _spectrum(ds),
-        "mask_alpha": float(ds.attrs.get("mask_alpha", float("nan"))),
+        "mask_alpha": alpha if math.isfinite(alpha) else None,  # JSON has no NaN
         "lock_k": int(ds.attrs.get("lock_k", 0)),
     }
 

@@ -66,9 +66,10 @@ class Explorer(anywidget.AnyWidget):
             overlap = final_channel_overlap(store, ds)
         data = explorer_payload(ds, metrics, overlap)
         module = data["modules"][0] if module is None else module  # the paper reads its findings per module
-        first = ds.isel(run=0)
+        r = int(ds.progress.notnull().any("step").argmax("run"))  # the first run with a computed step
+        first = ds.isel(run=r)
         default = {
-            "run": data["runs"][0],
+            "run": data["runs"][r],
             "layer": data["layers"][0],
             "module": module or data["modules"][0],
             "step": int(first.step.where(first.progress.notnull()).max()),

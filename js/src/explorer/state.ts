@@ -51,7 +51,8 @@ export interface Payload {
   angles: { u: Wire; v: Wire; steps: number[] } | null;
   /** The top singular values of ΔW (run, step, layer, module, rank) at `steps`. */
   spectrum: { s: Wire; steps: number[] } | null;
-  mask_alpha: number;
+  /** null where the Dataset does not say (JSON has no NaN). */
+  mask_alpha: number | null;
   lock_k: number;
 }
 
@@ -101,7 +102,7 @@ export function decodePayload(p: Payload): Data {
     metrics,
     angles,
     spectrum,
-    maskAlpha: p.mask_alpha,
+    maskAlpha: p.mask_alpha ?? NaN,
     lockK: p.lock_k,
     runSteps,
     allModules,
