@@ -71,7 +71,14 @@ def test_testing_offers_what_it_documents(tmp_path):
     testing = importlib.import_module("opd_lens.testing")
     assert opd_lens.testing is testing
     assert testing.__doc__ and "tests, benchmarks and demos" in testing.__doc__
-    assert set(testing.__all__) == {"SPECTRA", "qwen3_config", "qwen3_shapes", "update_direction", "write_planted_run"}
+    assert set(testing.__all__) == {
+        "SPECTRA",
+        "fill_store",
+        "qwen3_config",
+        "qwen3_shapes",
+        "update_direction",
+        "write_planted_run",
+    }
     assert all(getattr(testing, name).__doc__ for name in testing.__all__ if name != "SPECTRA")
     config = testing.qwen3_config(layers=1, hidden=16, intermediate=24)
     origin, run = testing.write_planted_run(tmp_path, config=config, steps=(1, 2), spectrum="planted")
