@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    pool, origin = _write_pool(args.work, args.checkpoints)
+    pool, origin = write_pool(args.work, args.checkpoints)
     run, store_path = args.work / "run", args.work / "store"
     shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(store_path, ignore_errors=True)
@@ -70,7 +70,7 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
 
-def _write_pool(work: Path, n: int) -> tuple[Path, Path]:
+def write_pool(work: Path, n: int) -> tuple[Path, Path]:
     """W_0 and ``n`` checkpoints drifting along a planted rank-2 direction plus noise, written once."""
     pool, origin = work / f"pool-{n}", work / "origin"
     if not (pool / "done").is_file():

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from growth import NAMES, write_pool
 
 import opd_lens
-from opd_lens.checkpoints import open_checkpoint, save_checkpoint
+from opd_lens.checkpoints import open_checkpoint
 from opd_lens.diagnostics import Settings
 
-NAMES = ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
 MODULES = ("mlp.gate_proj", "mlp.up_proj")
 K = Settings().lock_k
 
@@ -41,7 +40,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.05, help="watch's poll interval (default: %(default)s)")
     p.add_argument("--work", type=Path, default=Path("/tmp/opd-lens-bench/soak"))
     args = p.parse_args()
-    pool, origin = _write_pool(args.work, args.checkpoints)
+    pool, origin = write_pool(args.work, args.checkpoints)
     run, store_path = args.work / "run", args.work / "store"
     for path in (run, store_path):
         shutil.rmtree(path, ignore_errors=True)
@@ -121,23 +120,6 @@ def _check_lock(store: Path, oracle: dict[int, dict[str, np.ndarray]], last: int
         got = ds.lock_alignment.sel(module=module).values
         worst = max(worst, float(np.max(np.abs(got - expected))))
     return worst
-
-
-def _write_pool(work: Path, n: int) -> tuple[Path, Path]:
-    """W_0 and ``n`` checkpoints drifting along a planted rank-4 direction plus noise, written once."""
-    pool, origin = work / f"pool-{n}", work / "origin"
-    if not (pool / "done").is_file():
-        shutil.rmtree(work, ignore_errors=True)
-        gen = torch.Generator().manual_seed(0)
-        w0 = {name: torch.randn(128, 64, generator=gen) / 8 for name in NAMES}
-        save_checkpoint(origin, {k: v.bfloat16() for k, v in w0.items()})
-        drift = {name: torch.randn(128, 4, generator=gen) @ torch.randn(4, 64, generator=gen) / 40 for name in NAMES}
-        for step in range(1, n + 1):
-            noise = {k: 2e-3 * torch.randn(w.shape, generator=gen) for k, w in w0.items()}
-            weights = {k: (w + step / n * drift[k] + noise[k]).bfloat16() for k, w in w0.items()}
-            save_checkpoint(pool / f"checkpoint-{step}", weights, step=step)
-        (pool / "done").touch()
-    return pool, origin
 
 
 if __name__ == "__main__":

@@ -172,19 +172,17 @@ def fill_store(
                 scalars["update_spectrum"] = np.sort(rng.random((*shape, r), np.float32))[..., ::-1]
                 angles = {v: np.sort(rng.random((*shape, k), np.float32) * 90) for v in ANGLES} if last else None
                 write(run, slots[step], scalars, angles)
-            store.record(
-                name,
-                {
-                    s: {
-                        "path": f"{spec['run_dir']}/checkpoint-{s}",
-                        "fingerprint": "0" * 64,
-                        "schema": SCHEMA_VERSION,
-                        "endpoint": s == series[-1],
-                        "lock_ref": -1,
-                    }
-                    for s in series
-                },
-            )
+            entries = {
+                s: {
+                    "path": f"{spec['run_dir']}/checkpoint-{s}",
+                    "fingerprint": "0" * 64,
+                    "schema": SCHEMA_VERSION,
+                    "endpoint": s == series[-1],
+                    "lock_ref": -1,
+                }
+                for s in series
+            }
+            store.record(name, entries)
             store.write_lock(name, {s: rng.random(shape, np.float32) for s in series}, series[-1])
-            store.record(name, {s: {**store.recorded(name)[s], "lock_ref": series[-1]} for s in series})
+            store.record(name, {s: {**e, "lock_ref": series[-1]} for s, e in entries.items()})
     return store

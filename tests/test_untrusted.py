@@ -30,6 +30,7 @@ import xarray as xr
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_browser import ARTIFACTS, browser  # noqa: F401  (browser: the module's Chromium fixture)
 
 from opd_lens import open_store
 from opd_lens.diagnostics import Settings
@@ -40,8 +41,6 @@ from opd_lens.summary import Summary, summarize
 from opd_lens.testing import qwen3_config, write_planted_run
 from opd_lens.widgets import Explorer
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parents[1] / "build" / "test-artifacts"
 PWN = "window.__pwned=1;alert(1)"
 PAYLOADS = (
     f"<script>{PWN}</script>",
@@ -605,21 +604,6 @@ REPORTS = {"report-folder": (Forgery("folder", MARKED.group, folder=PAYLOADS[1])
 """Forged stores whose whole report (charts too) is shown, with the report's title."""
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            raise RuntimeError(f"no Chromium at {CHROMIUM}")
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with playwright.sync_playwright() as p:
-        args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
-        b = p.chromium.launch(executable_path=CHROMIUM, args=args)
-        yield b
-        b.close()
-
-
 SHOWN_TEXT = """() => {
     const text = [document.title];
     for (const e of document.querySelectorAll("body *:not(script):not(style)")) {
@@ -639,7 +623,7 @@ def _norm(text: str) -> str:
     return " ".join(text.replace("\x00", "").split())
 
 
-def render(browser, page_path: Path, name: str) -> dict:
+def render(browser, page_path: Path, name: str) -> dict:  # noqa: F811
     """Load ``page_path`` from file:// with every other request blocked, wait for the Explorer, screenshot it; what
     went wrong and what it shows."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -684,7 +668,7 @@ def _shown(ds: xr.Dataset) -> list[str]:
     return [str(v) for dim in ("run", "method", "module") for v in ds[dim].values]
 
 
-def test_pages_of_forged_stores_show_markup_as_text(browser, pristine, tmp_path, cli):
+def test_pages_of_forged_stores_show_markup_as_text(browser, pristine, tmp_path, cli):  # noqa: F811
     """Each forged store's page (summary, Explorer, a line naming the store), and its whole report for
     :data:`REPORTS` and the CLI's report under a markup title, rendered in Chromium."""
     pages = {}
