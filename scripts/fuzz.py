@@ -1,8 +1,8 @@
 """Run the CLI fuzzing campaign of ``tests/test_fuzz_cli.py`` at volume: ``python scripts/fuzz.py --cases 10000``.
 
 Splits the cases over ``--jobs`` pytest processes, each with its own hypothesis seed, and prints their tally: cases
-per command and exit status, the CLI's time per case and the wall time. Exits 1, with the failing case, if any
-case fails (hypothesis shrinks it first)."""
+per command and exit status, the CLI's time per case and the wall time (and the cases done every 10 minutes). Exits
+1, with the failing case, if any case fails (hypothesis shrinks it first)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ def main() -> int:
             ]
             log = open(Path(tmp) / f"log-{j}.txt", "w+")  # noqa: SIM115
             jobs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), report, log))
+        next_progress = start + 600
+        while any(proc.poll() is None for proc, _, _ in jobs):
+            time.sleep(1)
+            if time.monotonic() >= next_progress:
+                next_progress += 600
+                done = sum(_cases(json.loads(r.read_text())) for _, r, _ in jobs if r.exists())
+                print(f"  {(time.monotonic() - start) / 60:.0f} min: {done} cases done", flush=True)
         tally: collections.Counter = collections.Counter()
         failed = False
         for proc, report, log in jobs:
@@ -60,7 +67,7 @@ def main() -> int:
                 tally.update(part)
                 tally["slowest"] = slowest
     wall = time.monotonic() - start
-    cases = sum(v for k, v in tally.items() if " exit " in k)
+    cases = _cases(tally)
     print(f"{cases} cases in {wall / 60:.1f} min on {args.jobs} job(s), seeds {args.seed}..{args.seed + args.jobs - 1}")
     for key in sorted(k for k in tally if " exit " in k):
         print(f"  {key:<28} {tally[key]:>6}")
@@ -68,6 +75,10 @@ def main() -> int:
         print(f"  CLI time per case: mean {tally['seconds'] / cases:.3f} s, slowest {tally['slowest']:.2f} s")
     print("FAILED" if failed else "no traceback, no hang, nothing written outside the store, no stored step changed")
     return 1 if failed else 0
+
+
+def _cases(tally: dict) -> int:
+    return sum(v for k, v in tally.items() if " exit " in k)
 
 
 if __name__ == "__main__":

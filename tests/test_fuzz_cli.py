@@ -37,7 +37,13 @@ def pristine(tmp_path_factory):
     shutil.copytree(work, root / "pristine", symlinks=True)
     yield root, open_store(work / "store", create=False).dataset().load()
     if REPORT:
-        Path(REPORT).write_text(json.dumps(dict(tally)))
+        _write_report()
+
+
+def _write_report() -> None:
+    part = Path(f"{REPORT}.part")
+    part.write_text(json.dumps(dict(tally)))
+    part.replace(REPORT)
 
 
 @CAMPAIGN
@@ -55,6 +61,8 @@ def test_inspect_and_compute_survive_mutated_checkpoints(pristine, case: Case):
     took = time.monotonic() - start
     tally["seconds"] += took
     tally["slowest"] = max(tally["slowest"], took)
+    if REPORT and sum(v for k, v in tally.items() if " exit " in k) % 100 == 0:  # a campaign's progress
+        _write_report()
     try:
         check_outcome(case, work, status, out, err)
         assert tree(*outside_store(work)) == before, "wrote outside the store"
