@@ -158,14 +158,16 @@ class LockBases:
     ) -> np.ndarray:
         """Sim_K of V_K(t) to the bases ``anchor`` (matrix key -> V_K) for each of ``steps``, as a float32 (step,
         layer, module) grid indexed by ``layers`` and ``modules``; NaN where a matrix is not in both or its shape
-        differs (LoRA steps of other ranks share no K). Batched per shape across steps, :data:`SIM_BATCH_BYTES` of
+        differs (LoRA steps of other ranks share no K). Bases of matrices that the grid does not index are left
+        out. Batched per shape across steps, :data:`SIM_BATCH_BYTES` of
         bases per call, so that a long run costs a few calls rather than one per step and matrix."""
         steps = list(steps)
         grid = np.full((len(steps), len(layers), len(modules)), np.nan, np.float32)
         where = {}  # matrix key -> (layer, module) index in the grid
         for k in anchor:
             layer, module = parse_matrix_key(k)
-            where[k] = layers[layer], modules[module]
+            if layer in layers and module in modules:
+                where[k] = layers[layer], modules[module]
         batches: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
 
         def flush(batch: list[tuple[int, str, torch.Tensor]]) -> None:
@@ -176,7 +178,7 @@ class LockBases:
 
         for i, step in enumerate(steps):
             for k, b in self.load(step).items():
-                if k in anchor and anchor[k].shape == b.shape:
+                if k in where and anchor[k].shape == b.shape:
                     batch = batches.setdefault(tuple(b.shape), [])
                     batch.append((i, k, b))
                     if len(batch) * b.numel() * b.element_size() >= SIM_BATCH_BYTES:

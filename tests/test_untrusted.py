@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -35,6 +36,7 @@ from test_browser import ARTIFACTS, browser  # noqa: F401  (browser: the module'
 from opd_lens import open_store
 from opd_lens.diagnostics import Settings
 from opd_lens.errors import ChartError, OpdLensError, StoreError
+from opd_lens.locking import final_channel_overlap
 from opd_lens.offline import widget_runtime
 from opd_lens.report import export_html, store_report
 from opd_lens.summary import Summary, summarize
@@ -676,8 +678,7 @@ def test_pages_of_forged_stores_show_markup_as_text(browser, pristine, tmp_path,
         path = forgery.make(pristine, tmp_path)
         store = open_store(path, create=False)
         ds = store.dataset()
-        channels = name != "modules"  # test_cached_bases_of_renamed_modules_are_skipped
-        items = [Summary.of(ds), Explorer(store, channels=channels), f"{path}: {ds.sizes['run']} run(s)"]
+        items = [Summary.of(ds), Explorer(store), f"{path}: {ds.sizes['run']} run(s)"]
         pages[name] = export_html(items, tmp_path / f"{name}.html", title=f"{name} {RUN}"), [*_shown(ds), str(path)]
     for name, (forgery, title) in REPORTS.items():
         path = forgery.make(pristine, tmp_path)
@@ -701,17 +702,23 @@ def test_a_report_whose_chart_vega_cannot_draw_is_one_error(pristine, tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
-@pytest.mark.xfail(
-    raises=KeyError,
-    strict=True,
-    reason="LockBases.alignment_grid (opd_lens/cache.py) indexes the grid "
-    "by every matrix key of the cached bases, whether or not the store's coordinates hold it",
-)
 def test_cached_bases_of_renamed_modules_are_skipped(pristine, tmp_path):
     """A store whose ``module`` array no longer names the matrices of its cached V_K bases: the Explorer's channels
-    across runs (final_channel_overlap) raise a KeyError."""
-    path = SHOWN["modules"].make(pristine, tmp_path)
-    Explorer(open_store(path, create=False))
+    across runs (final_channel_overlap) raised a KeyError (LockBases.alignment_grid indexed the grid by every key of
+    the cached bases). Those bases are left out: the renamed modules have no overlap, the others theirs."""
+    forgery = SHOWN["modules"]
+    store = open_store(forgery.make(pristine, tmp_path), create=False)
+    ds = store.dataset()
+    overlap = final_channel_overlap(store, ds)
+    renamed = [new for _, new in forgery.modules]
+    assert overlap.sel(module=renamed).isnull().all()
+    kept = [m for m in map(str, ds.module.values) if m not in renamed]
+    for run in map(str, ds.run.values):  # against itself, a run's overlap is its lock_alignment
+        expected = ds.lock_alignment.sel(run=run, module=kept)
+        assert expected.notnull().any()
+        got = overlap.sel(other=run, run=run, module=kept).values
+        np.testing.assert_allclose(got, expected.values, atol=1e-5)
+    assert any(m.startswith("channel_overlap:") for m in Explorer(store)._data["metrics"])
 
 
 def test_a_mask_alpha_that_is_not_finite_leaves_the_widget_state_json(forger, tmp_path):
