@@ -256,8 +256,10 @@ def _watch(args: argparse.Namespace) -> None:
     try:
         while True:
             report = store.compute(runs=[args.name], device=args.device, progress=False, allow_pickle=args.allow_pickle)
-            if report.steps:
-                row = summarize(store.dataset()).loc[args.name]
+            if report.steps:  # the columns printed need the first and last steps only: read just those
+                recorded = store.recorded(args.name)
+                ends = (min(recorded), max(recorded))
+                row = summarize(store.dataset(runs=[args.name], steps=ends)).loc[args.name]
                 steps = ", ".join(str(s) for _, s in report.steps)
                 print(
                     f"{args.name}: step {steps} done; last step {row.last_step}: stable rank {row.stable_rank:.3g}, "

@@ -211,7 +211,9 @@ class Store:
 
     # --- read -------------------------------------------------------------------------------------------------
 
-    def dataset(self, lazy: bool = False) -> xr.Dataset:
+    def dataset(
+        self, lazy: bool = False, *, runs: Iterable[str] | None = None, steps: Iterable[int] | None = None
+    ) -> xr.Dataset:
         """The opd_lens Dataset: completed steps only, sorted by step, with ``progress`` and ``method`` coords, and
         ``expert`` / ``projection`` along ``module`` to group MoE experts (see :meth:`_expert_coords`). Each
         variable carries the ``long_name``, ``units`` and ``description`` of :mod:`opd_lens.schema`; the attrs hold
@@ -221,24 +223,28 @@ class Store:
         By default a snapshot loaded into memory. ``lazy=True`` (needs dask) keeps the variables as dask arrays
         read on demand, one (run, step) chunk at a time, for stores too large for memory; such a Dataset reads
         whatever the store holds when it is computed, so take it while no compute is writing.
+
+        ``runs`` and ``steps`` keep only those runs (by name) and steps: only their chunks are read, so a few steps
+        of a long run cost what they hold, not what the store holds. Steps not computed are left out (``progress``
+        stays each step's fraction of its run's last computed step, whether or not that one is kept).
         """
-        runs = self.runs
-        if not runs or not (self.data_path / "complete").exists():  # its metadata is read (and checked) by _array
+        registry = self.runs
+        if not registry or not (self.data_path / "complete").exists():  # its metadata is read (and checked) by _array
             raise StoreError(f"{self.path}: the store holds no computed runs yet (add a run and compute)")
-        if not (self._read("complete") == 1).any():
-            raise StoreError(f"{self.path}: no step has been computed yet (run compute)")
-        ds = self._open_raw(lazy)
-        ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
-        ds = ds.isel(
-            run=np.flatnonzero(np.isin(ds.run.values, list(runs))),
-            layer=np.flatnonzero(ds.layer.values != _UNSET["layer"]),
-            module=np.flatnonzero(ds.module.values != _UNSET["module"]),
-            step=np.flatnonzero(ds.step.values >= 0),
-        )
+        computed = StoreError(f"{self.path}: no step has been computed yet (run compute)")
+        if not any(run["checkpoints"] for run in registry.values()):
+            raise computed
+        if runs is not None:
+            runs = list(runs)
+            if unknown := [r for r in runs if r not in registry]:
+                raise StoreError(f"{self.path}: no run named {unknown[0]!r}; registered: {list(registry)}")
+            registry = {name: registry[name] for name in registry if name in runs}
+        ds, last = self._open_raw(lazy, registry, None if steps is None else {int(s) for s in steps})
         complete = ds["complete"] == 1
         ds = ds.isel(step=np.flatnonzero(complete.any("run").values))
+        if not ds.sizes["step"] and runs is None and steps is None:
+            raise computed
         complete = ds["complete"] == 1
-        last = ds.step.where(complete).max("step")
         variables = {}
         for name, v in VARIABLES.items():  # a variable newer than the store (not yet migrated) reads as NaN
             da = ds[name] if name in ds else _missing(ds, v, self.settings)
@@ -247,10 +253,10 @@ class Store:
         out = xr.Dataset(variables, coords={"numel": ds["numel"]})
         out = out.assign_coords(
             progress=(ds.step / last).where(complete).transpose("run", "step"),
-            method=("run", [runs[r]["method"] for r in ds.run.values]),
+            method=("run", [registry[r]["method"] for r in ds.run.values]),
         )
         out = out.sortby("step").isel(
-            run=np.argsort([list(runs).index(r) for r in out.run.values], kind="stable"),
+            run=np.argsort([list(registry).index(r) for r in out.run.values], kind="stable"),
             layer=np.argsort(out.layer.values, kind="stable"),
             module=sorted(range(out.sizes["module"]), key=lambda i: natural_key(str(out.module.values[i]))),
         )
@@ -260,7 +266,7 @@ class Store:
             "schema_version": SCHEMA_VERSION,
             "opd_lens_version": __version__,
             **self.settings.asdict(),
-            "runs": json.dumps(runs),
+            "runs": json.dumps(registry),
         }
         return out
 
@@ -284,25 +290,42 @@ class Store:
             "projection": ("module", np.array(projection, dtype=str)),
         }
 
-    def _open_raw(self, lazy: bool, attempts: int = 5) -> xr.Dataset:
-        """The raw arrays; retried while a writer is between resizing two arrays.
+    def _open_raw(
+        self, lazy: bool, registry: Mapping[str, dict], steps: set[int] | None, attempts: int = 5
+    ) -> tuple[xr.Dataset, xr.DataArray]:
+        """The raw arrays of the runs of ``registry`` at ``steps`` (all if ``None``) that it records, and each run's
+        last complete step; retried while a writer is between resizing two arrays.
 
-        A snapshot reads the ``complete`` flags and ``lock_ref`` before the values and again after them, and keeps
-        a step complete (a lock_alignment current) only if both reads agree: a writer clears a step's flag before
-        writing it and sets it after, and marks lock_alignment stale before rewriting it, so a step written while
-        the values were read is left out rather than shown half written."""
+        A step counts as complete if the registry records it and its ``complete`` flag reads 1 before the values
+        are read and again after them; a lock_alignment is current if ``lock_ref`` reads the same both times. A
+        writer unrecords a step and clears its flag before rewriting it, sets the flag after and then records it,
+        and marks lock_alignment stale before rewriting it: a step written while the values were read is left out
+        rather than shown half written. Only the slots of the kept steps are read, and each run's last recorded."""
+        recorded = {name: {int(s) for s in run["checkpoints"]} for name, run in registry.items()}
+        shown = set().union(*recorded.values())
+        shown = shown if steps is None else shown & steps
+        read = shown | {max(s) for s in recorded.values() if s}
         for _ in range(attempts):
             try:
                 # the store writes no CF attributes: decoding ones that a forged store carries would only break
                 ds = xr.open_zarr(self.data_path, consolidated=False, chunks={} if lazy else None, decode_cf=False)
-                if lazy:
-                    return ds.assign(ds[["complete", "lock_ref", "numel"]].load())
-                before = ds[["complete", "lock_ref"]].load()
-                ds = ds.load()
-                return ds.assign(
-                    complete=ds.complete.where(before.complete == 1, 0),
+                ds = ds.assign_coords(run=[str(v) for v in ds.run.values], module=[str(v) for v in ds.module.values])
+                ds = ds.isel(
+                    run=np.flatnonzero(np.isin(ds.run.values, list(registry))),
+                    layer=np.flatnonzero(ds.layer.values != _UNSET["layer"]),
+                    module=np.flatnonzero(ds.module.values != _UNSET["module"]),
+                    step=np.flatnonzero(np.isin(ds.step.values, list(read))),
+                )
+                before = ds[["complete", "lock_ref", "numel"]].load()
+                ds = ds.assign(before) if lazy else ds.load()
+                inside = [[int(s) in recorded[str(r)] for s in ds.step.values] for r in ds.run.values]
+                complete = (before.complete == 1) & (ds.complete == 1) & xr.DataArray(inside, dims=("run", "step"))
+                last = ds.step.where(complete).max("step")
+                ds = ds.assign(
+                    complete=complete.astype(np.int64),
                     lock_ref=ds.lock_ref.where(before.lock_ref == ds.lock_ref, -1),
                 )
+                return ds.isel(step=np.flatnonzero(np.isin(ds.step.values, list(shown)))), last
             except Exception as e:
                 if damage := self._damage():
                     raise StoreError(f"{self.path}: {damage}; a damaged opd_lens store") from None
@@ -535,7 +558,7 @@ class Store:
         """Replace registry entries with one write, recording where the store is now."""
         runs = {**self.runs, **changes}
         self._held.pop("runs", None)  # a failed write must not leave a registry that the store does not hold
-        self._group.attrs.update({"runs": runs, "home": self._home})
+        self._group.update_attributes({"runs": runs, "home": self._home})  # one write of zarr.json
         self._moved_from = None
         if self._locked:
             self._held["runs"] = json.dumps(runs)
