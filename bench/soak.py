@@ -5,9 +5,10 @@
 
 Lands the checkpoints one at a time in the watched run directory (each a symlink into a pool written first, so it
 appears whole) and waits until the store records it: prints the latency of a new checkpoint (landing to recorded,
-including up to one poll interval) and the watcher's resident memory near the start and near the end. Every
-``--check`` checkpoints it checks every stored step's ``lock_alignment`` against a float64 oracle, Sim_K of the
-exact top-K right singular vectors of ΔW_t and of the latest ΔW (the store computes them exactly too).
+including up to one poll interval of the watcher and 20 ms of this script's) and the watcher's resident memory near
+the start and near the end. Every ``--check`` checkpoints it checks every stored step's ``lock_alignment`` against a
+float64 oracle, Sim_K of the exact top-K right singular vectors of ΔW_t and of the latest ΔW (the store computes
+them exactly too).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _wait_recorded(store: Path, step: int, watch: subprocess.Popen, timeout: flo
         s = opd_lens.open_store(store, create=False)
         if "r" in s.runs and step in s.recorded("r"):
             return
-        time.sleep(0.005)
+        time.sleep(0.02)  # a poll parses the registry: more often, it would take CPU from the watcher
     raise SystemExit(f"checkpoint {step} not recorded within {timeout:g} s")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -266,9 +268,23 @@ def _watch(args: argparse.Namespace) -> None:
                     f"Sim_K first->last {row.lock_alignment_first:.3f}",
                     flush=True,
                 )
+            _trim_heap()
             time.sleep(args.interval)
     except KeyboardInterrupt:
         print("stopped; every completed step is in the store", file=sys.stderr)
+
+
+def _trim_heap() -> None:
+    """Hand the heap that a compute freed back to the OS (glibc's ``malloc_trim``; elsewhere nothing). glibc keeps
+    it otherwise, and a long watch grew: 321 MiB to 2 GiB of RSS over 500 checkpoints (``bench/soak.py``)."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` from the symbols already loaded (``None`` off Linux, or with a libc that lacks it)."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def _relocate(args: argparse.Namespace) -> None:
