@@ -5,7 +5,8 @@ model), filled directly with ``opd_lens.testing.fill_store`` (no checkpoints, no
     python bench/bigstore.py --steps 30        # a tenth
 
 Prints the wall time of each thing a researcher does with such a store, in one process: fill it, open it
-(``Store.dataset()``), ``summarize`` it, build the Explorer on it, write its offline report, and the bytes on disk.
+(``Store.dataset()``, or two steps of one run), ``summarize`` it, build the Explorer on it, write its offline
+report, and the bytes on disk.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     store = open_store(path, create=False)
     ds = timed("open (Store.dataset)", store.dataset)
     timed("open lazily (dataset(lazy=True))", lambda: store.dataset(lazy=True))
+    ends = [int(ds.step[0]), int(ds.step[-1])]
+    timed("first and last step of one run", lambda: store.dataset(runs=["run-0"], steps=ends))
     timed("summarize", lambda: summarize(ds))
     timed("Explorer(store)", lambda: Explorer(store))
     timed("Explorer(ds)", lambda: Explorer(ds))
