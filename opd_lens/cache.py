@@ -159,8 +159,8 @@ class LockBases:
         """Sim_K of V_K(t) to the bases ``anchor`` (matrix key -> V_K) for each of ``steps``, as a float32 (step,
         layer, module) grid indexed by ``layers`` and ``modules``; NaN where a matrix is not in both or its shape
         differs (LoRA steps of other ranks share no K). Bases of matrices that the grid does not index are left
-        out. Batched per shape across steps, :data:`SIM_BATCH_BYTES` of
-        bases per call, so that a long run costs a few calls rather than one per step and matrix."""
+        out. Batched per shape across steps, :data:`SIM_BATCH_BYTES` of bases per call, so that a long run costs a
+        few calls rather than one per step and matrix."""
         steps = list(steps)
         grid = np.full((len(steps), len(layers), len(modules)), np.nan, np.float32)
         where = {}  # matrix key -> (layer, module) index in the grid
